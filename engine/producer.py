@@ -1,0 +1,223 @@
+"""Frame producers: how the loop gets frames from a source without blocking on it.
+
+Both producers share one interface::
+
+    reset(seed) -> frame 0          (synchronous: the loop waits for a new world)
+    submit(action)                  the newest action of this tick
+    accepting() -> bool             True if a submitted action would not supersede another
+    poll(timeout=0) -> Produced|None next finished frame, with the action that produced it
+    finish(timeout) -> [Produced]   wait for in-flight work (end of a replay)
+    sensors() -> Sensors | None     sensors of the newest frame handed out
+    close()
+
+Recording alignment with :class:`ThreadedProducer`: the worker steps the
+source with whatever action is newest when it becomes free, so actions
+submitted while it was busy are superseded and never reach the source. Every
+:class:`Produced` carries the exact action that produced its frame; the loop
+records ``(produced.frame, produced.action)``, never "the action of this tick".
+Recordings therefore keep the invariant "frame i was produced by action i" and
+replay bit-exactly, whatever the model's speed. Controllers whose every action
+matters (replays, the explorer) are run in lockstep by the loop instead: it
+only asks them for an action when ``accepting()``, so nothing is superseded.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import numpy as np
+
+from engine.actions import Action
+from engine.source import FrameSource, Sensors
+
+
+@dataclass(frozen=True)
+class Produced:
+    frame: np.ndarray
+    action: Action
+    sensors: Optional[Sensors]
+
+
+class Producer(Protocol):
+    def reset(self, seed: int) -> np.ndarray: ...
+    def submit(self, action: Action) -> None: ...
+    def accepting(self) -> bool: ...
+    def poll(self, timeout: float = 0.0) -> Optional[Produced]: ...
+    def finish(self, timeout: float = 10.0) -> list[Produced]: ...
+    def sensors(self) -> Optional[Sensors]: ...
+    def close(self) -> None: ...
+
+
+class SyncProducer:
+    """Steps the source inline when polled: one submitted action -> one frame, never late."""
+
+    def __init__(self, source: FrameSource) -> None:
+        self.source = source
+        self._pending: Optional[Action] = None
+        self._sensors: Optional[Sensors] = None
+
+    def reset(self, seed: int) -> np.ndarray:
+        self._pending = None
+        frame = self.source.reset(seed)
+        self._sensors = self.source.sensors()
+        return frame
+
+    def submit(self, action: Action) -> None:
+        self._pending = action
+
+    def accepting(self) -> bool:
+        return True  # poll() consumes the action in the same tick
+
+    def poll(self, timeout: float = 0.0) -> Optional[Produced]:
+        if self._pending is None:
+            return None
+        action, self._pending = self._pending, None
+        frame = self.source.step(action)
+        self._sensors = self.source.sensors()
+        return Produced(frame, action, self._sensors)
+
+    def finish(self, timeout: float = 10.0) -> list[Produced]:
+        p = self.poll()
+        return [p] if p is not None else []
+
+    def sensors(self) -> Optional[Sensors]:
+        return self._sensors
+
+    def close(self) -> None:
+        self._pending = None
+
+
+class ThreadedProducer:
+    """A worker thread steps the source; the loop only hands over actions and collects frames.
+
+    The worker takes the newest submitted action (at most one step per
+    submission, so a fast source never runs ahead of the player), steps, and
+    puts the result into a bounded queue. Exceptions in the worker are re-raised
+    in the loop thread by the next ``reset``/``submit``/``poll``/``finish``.
+    """
+
+    def __init__(self, source: FrameSource, queue_size: int = 2) -> None:
+        if queue_size < 1:
+            raise ValueError(f"producer queue_size must be >= 1, got {queue_size}")
+        self.source = source
+        self._queue: "queue.Queue[tuple[int, Produced]]" = queue.Queue(maxsize=queue_size)
+        self._cond = threading.Condition()
+        self._source_lock = threading.Lock()  # held while the source is stepped or reset
+        self._pending: Optional[Action] = None
+        self._busy = False
+        self._epoch = 0  # bumped by reset: frames of the old world are discarded
+        self._stop = False
+        self._error: Optional[BaseException] = None
+        self._sensors: Optional[Sensors] = None
+        self._thread = threading.Thread(target=self._run, name="frame-producer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                action, self._pending = self._pending, None
+                epoch = self._epoch
+                self._busy = True
+            try:
+                with self._source_lock:
+                    if epoch != self._epoch:
+                        continue  # a reset happened since we took the action
+                    frame = self.source.step(action)
+                    sensors = self.source.sensors()
+                item = (epoch, Produced(frame, action, sensors))
+                while not self._stop:
+                    try:
+                        self._queue.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+            except BaseException as e:  # handed to the loop thread, which re-raises it
+                with self._cond:
+                    self._error = e
+                    self._busy = False
+                    self._cond.notify_all()
+                return
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            # The original exception (and its worker-side traceback): a source's one-line
+            # ValueError stays a one-line error in play.py, a bug keeps its traceback.
+            e, self._error = self._error, None
+            raise e
+
+    # ------------------------------------------------------------------ loop side
+    def reset(self, seed: int) -> np.ndarray:
+        self._raise_error()
+        with self._cond:
+            self._pending = None
+            self._epoch += 1
+        with self._source_lock:  # waits for an in-flight step to finish
+            frame = self.source.reset(seed)
+            self._sensors = self.source.sensors()
+        self._drain_stale()
+        return frame
+
+    def _drain_stale(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def submit(self, action: Action) -> None:
+        self._raise_error()
+        with self._cond:
+            self._pending = action  # supersedes an action the worker has not started
+            self._cond.notify_all()
+
+    def accepting(self) -> bool:
+        """True when the worker has taken the last submitted action (it may still be stepping it)."""
+        with self._cond:
+            return self._pending is None
+
+    def poll(self, timeout: float = 0.0) -> Optional[Produced]:
+        """The oldest finished frame; waits up to ``timeout`` s for one (0 = never waits)."""
+        while True:
+            try:
+                if timeout > 0:
+                    epoch, item = self._queue.get(timeout=timeout)
+                    timeout = 0.0
+                else:
+                    epoch, item = self._queue.get_nowait()
+            except queue.Empty:
+                self._raise_error()
+                return None
+            if epoch == self._epoch:
+                self._sensors = item.sensors
+                return item
+
+    def finish(self, timeout: float = 10.0) -> list[Produced]:
+        """Wait until the submitted action (if any) has been stepped; return what is left."""
+        with self._cond:
+            self._cond.wait_for(lambda: (self._pending is None and not self._busy)
+                                or self._error is not None or self._stop, timeout=timeout)
+        out = []
+        while (p := self.poll()) is not None:
+            out.append(p)
+        self._raise_error()
+        return out
+
+    def sensors(self) -> Optional[Sensors]:
+        return self._sensors
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,187 @@
+"""Streaming samplers: cache == full recompute, fold == no fold, sink, memory, seeds, late binding."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.test_dit import tiny_model
+from world_model.dit import FrameKV, WorldDiT
+from world_model.samplers import CachedHistory, SamplerConfig, StreamSampler, make_sampler
+
+torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from threads
+C, R = 4, 4  # tiny latent (C, R, R)
+
+
+def _context(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(n, C, R, R, generator=g), torch.randn(n, 4, generator=g)
+
+
+def _controls(n: int, seed: int = 7) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, generator=g) for _ in range(n)]
+
+
+def stream(model: WorldDiT, cfg: SamplerConfig, n: int = 14, seed: int = 0,
+           controls: list[torch.Tensor] | None = None) -> tuple[StreamSampler, torch.Tensor]:
+    s = make_sampler(model, cfg)
+    s.start(*_context(), generator=torch.Generator().manual_seed(seed))
+    out = [s.step(u) for u in (controls or _controls(n))]
+    return s, torch.stack(out)                                           # (n, C, h, w)
+
+
+CASES = [
+    SamplerConfig(name="rolling", steps=4),
+    SamplerConfig(name="rolling", steps=3, renoise="ode", context_t=0.1, sink_frames=2, cache_frames=2),
+    SamplerConfig(name="causal", steps=3),
+    SamplerConfig(name="causal", steps=2, context_t=0.1, sink_frames=0, cache_frames=4),
+    SamplerConfig(name="teacher", teacher_steps=5, cache_frames=1),
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> WorldDiT:
+    return tiny_model(depth=3)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.name}-{c.renoise}-S{c.sink_frames}L{c.cache_frames}")
+def test_cached_stream_equals_full_recompute(model: WorldDiT, cfg: SamplerConfig) -> None:
+    """KV cache + sink + eviction + fold compute exactly what the explicit-mask recompute does."""
+    _, ref = stream(model, dataclasses.replace(cfg, use_cache=False))
+    assert ref.abs().mean() > 0.1
+    for fold in (True, False):
+        s, out = stream(model, dataclasses.replace(cfg, fold_rerun=fold))
+        cache = s.history.cache  # type: ignore[attr-defined]
+        assert cache.total_appended > cache.capacity                      # the cache rolled and evicted
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_fold_saves_one_forward_per_frame(model: WorldDiT) -> None:
+    counts = {}
+    for fold in (True, False):
+        s, _ = stream(model, SamplerConfig(name="rolling", steps=4, fold_rerun=fold), n=2)
+        before = s.history.num_forwards
+        for u in _controls(10):
+            s.step(u)
+        counts[fold] = s.history.num_forwards - before
+    assert counts == {True: 10, False: 20}
+
+
+def test_sink_keeps_content_and_position(model: WorldDiT) -> None:
+    s, _ = stream(model, SamplerConfig(name="rolling", sink_frames=1, cache_frames=3), n=3)
+    hist = s.history
+    assert isinstance(hist, CachedHistory)
+    T = model.tokens_per_frame
+    sink_k = hist.cache.k_buf[:, :, :, :T].clone()                        # (depth, B, H, T, dh)
+    for u in _controls(20):
+        s.step(u)
+        assert torch.equal(hist.cache.k_buf[:, :, :, :T], sink_k)
+        assert hist.cache.positions().tolist() == list(range(hist.cache.num_frames))
+    assert hist.cache.num_frames == 4 and hist.cache.sink_frames == 1
+
+
+def test_memory_flat_and_positions_bounded_over_a_long_stream() -> None:
+    """Model-level stream (5,000 frames run on the cache alone in test_kv_cache)."""
+    m = tiny_model(depth=1)
+    s, _ = stream(m, SamplerConfig(name="rolling", steps=2, cache_frames=2), n=5)
+    cache = s.history.cache  # type: ignore[attr-defined]
+    ptrs, nbytes = (cache.k_buf.data_ptr(), cache.v_buf.data_ptr()), cache.nbytes()
+    u = torch.tensor([1.0, 0.0, 0.3, 0.0])
+    for _ in range(1000):
+        s.step(u)
+    assert (cache.k_buf.data_ptr(), cache.v_buf.data_ptr()) == ptrs and cache.nbytes() == nbytes
+    assert cache.num_frames == 3 and cache.positions().max().item() == 2
+    assert s.x.shape[0] == 1 and s.frames_emitted == 1005  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["rolling", "causal"])
+def test_seeded_streams_are_deterministic(model: WorldDiT, name: str) -> None:
+    cfg = SamplerConfig(name=name, steps=2)
+    _, a = stream(model, cfg, n=5, seed=1)
+    _, b = stream(model, cfg, n=5, seed=1)
+    _, c = stream(model, cfg, n=5, seed=2)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+class PointMass(WorldDiT):
+    """The exact velocity field of a data distribution that is a single latent x*: v = (x_t - x*) / t."""
+
+    target: torch.Tensor
+
+    def _run(self, x, t, controls, past, mask, time_pos):  # type: ignore[no-untyped-def]
+        _, kv = super()._run(x, t, controls, past, mask, time_pos)
+        tt = t.clamp_min(1e-6)[:, :, None, None, None]
+        return (x - self.target) / tt, kv
+
+
+@pytest.mark.parametrize("cfg", [SamplerConfig(name="rolling", steps=3), SamplerConfig(name="rolling", renoise="ode"),
+                                 SamplerConfig(name="causal", steps=2), SamplerConfig(name="teacher", teacher_steps=8)],
+                         ids=["rolling-fresh", "rolling-ode", "causal", "teacher"])
+def test_exact_velocity_field_gives_the_data(cfg: SamplerConfig) -> None:
+    """Schedule conventions end to end: with the ideal model every sampler emits x* exactly."""
+    base = tiny_model(depth=1)
+    m = PointMass(base.cfg)
+    m.target = torch.randn(C, R, R, generator=torch.Generator().manual_seed(3))
+    _, out = stream(m, cfg, n=6)
+    torch.testing.assert_close(out, m.target.expand_as(out), atol=1e-4, rtol=0)
+
+
+def _frame_local(model: WorldDiT) -> WorldDiT:
+    """A copy whose attention output is zero: each frame's prediction depends on its own x, t, control only."""
+    m = tiny_model(depth=model.cfg.depth)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.proj.weight.zero_()
+            blk.attn.proj.bias.zero_()
+    return m
+
+
+def test_late_binding(model: WorldDiT) -> None:
+    W, k = 4, 6                                                  # window length, step we vary
+    us = _controls(k + 1)
+    alt = us[:k] + [us[k] + 2.0]                                 # differs only at step k
+    early = us[:k - W + 1] + [u + 2.0 for u in us[k - W + 1:k]] + [us[k]]  # differs before step k only
+    local = _frame_local(model)
+    for late in (True, False):
+        cfg = SamplerConfig(name="rolling", steps=W, late_binding=late)
+        _, a = stream(local, cfg, controls=us)
+        _, b = stream(local, cfg, controls=alt)
+        torch.testing.assert_close(a[:k], b[:k], atol=0, rtol=0)             # the past is the past
+        if late:   # the frame emitted by step(u) obeys u
+            assert (a[k] - b[k]).abs().max() > 1e-3
+        else:      # the front frame keeps the control it entered with, W-1 steps earlier
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+            _, e = stream(local, cfg, controls=early)
+            assert (a[k] - e[k]).abs().max() > 1e-3
+    # with a real (attending) model late binding is what the window is conditioned on
+    seen: list[torch.Tensor] = []
+    orig = model._run
+
+    def spy(x, t, controls, past, mask, time_pos):  # type: ignore[no-untyped-def]
+        seen.append(controls[0, -W:].clone())
+        return orig(x, t, controls, past, mask, time_pos)
+
+    for late in (True, False):
+        seen.clear()
+        model._run = spy  # type: ignore[method-assign]
+        try:
+            stream(model, SamplerConfig(name="rolling", steps=W, late_binding=late), controls=us)
+        finally:
+            del model._run
+        last = seen[-1]                                                         # the forward of step k
+        assert torch.equal(last[-1], us[k])                                     # newest frame: newest control
+        assert torch.equal(last[0], us[k] if late else us[k - W + 1])           # front frame
+
+
+def test_factory_and_config_errors(model: WorldDiT) -> None:
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler(model, SamplerConfig(name="nope"))
+    with pytest.raises(ValueError):
+        make_sampler(model, SamplerConfig(renoise="sde"))
+    s = make_sampler(model, SamplerConfig())
+    with pytest.raises(RuntimeError):
+        s.step(torch.zeros(4))
+    assert isinstance(FrameKV([], 0).as_past().num_frames, int)

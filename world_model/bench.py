@@ -1,0 +1,587 @@
+"""The real-time budget of the neural world: ``python -m world_model.bench`` prints ONE JSON object.
+
+    python -m world_model.bench [checkpoint=PATH] [samplers=[rolling,causal,teacher]] [frames=300]
+        [warmup=30] [threads=2] [scaling=false] [out=docs/benchmarks.md] [append=true]
+        [sampler.steps=4 ...] [device=cpu|cuda|auto] [accel=auto|eager|static|cuda_graph|compile]
+
+Every sampler (with its ``fold_rerun=False`` twin) and the classic game (the
+floor) run the frame pipeline of ``play.py``: posted key events ->
+KeyboardController -> sampler.step -> decode -> texture upload + present
+(GLRenderer.offscreen when EGL is available). The variants share one model and
+are interleaved frame by frame, so machine noise hits all of them alike and
+their numbers compare side by side. Without a checkpoint the shipped
+``assets/default`` is used, else a random-init ``small`` model (speed does not
+depend on the weights; ``model.source`` says which). ``scaling=true`` adds a
+sweep over resolution, window, sink, cache and model size. docs/benchmarks.md
+explains every key.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # stdout carries only the JSON
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from controllers.base import TickInput  # noqa: E402
+from engine.config import ConfigError, to_dataclass, to_plain  # noqa: E402
+from world_model.accel import FrameStager, WindowStep, describe, prepare_for_device  # noqa: E402
+from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
+from world_model.dit import ModelConfig, WorldDiT  # noqa: E402
+from world_model.flops import FrameCost, ForwardTracer, counted_flops, matmul_peak_gflops  # noqa: E402
+from world_model.samplers import SAMPLERS, SamplerConfig, make_sampler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("input", "window_forward", "cache_rerun", "sampler_other", "decode", "present")
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: Optional[str] = None     # None: assets/default if present, else random-init ``model``
+    model: str = "small"                 # conf/model preset of the random-init fallback
+    samplers: list[str] = field(default_factory=lambda: ["rolling", "causal", "teacher"])
+    frames: int = 300                    # timed frames per sampler (after warm-up)
+    warmup: int = 30                     # untimed frames per sampler first (fills the cache)
+    teacher_frames: int = 60             # the teacher makes teacher_steps forwards a frame; 0 = frames
+    threads: int = 2                     # torch intra-op threads; 0 = leave torch's default
+    fold_compare: bool = True            # also run every sampler with fold_rerun=False
+    present: bool = True                 # time texture upload + present (EGL offscreen) when available
+    window_scale: int = 8                # offscreen framebuffer = resolution * window_scale
+    device: str = "cpu"                  # cpu | cuda | auto
+    accel: str = "auto"                  # world_model.accel.WindowStep mode
+    sampler: dict[str, Any] = field(default_factory=dict)  # SamplerConfig overrides (steps=, sink_frames=)
+    peak_seconds: float = 0.05           # time per round of the matmul peak measurement
+    scaling: bool = False                # add the resolution / window / sink / cache / model sweep
+    scaling_frames: int = 40
+    scaling_model: str = "small"         # model preset of the scaling baseline
+    out: str = "docs/benchmarks.md"
+    append: bool = True                  # append a markdown section to ``out``
+    seed: int = 0
+
+
+def parse_args(argv: list[str]) -> BenchConfig:
+    """``key=value`` arguments (as engine.datagen) -> validated BenchConfig."""
+    bad = [a for a in argv if "=" not in a or a.startswith("=")]
+    if bad:
+        raise ConfigError(f"bench arguments must be key=value, got {bad[0]!r}")
+    try:
+        node = OmegaConf.from_dotlist(argv)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid bench arguments: {str(e).splitlines()[0]}") from None
+    cfg = to_dataclass(BenchConfig, node, "bench")
+    unknown = [s for s in cfg.samplers if s not in SAMPLERS]
+    if unknown or not cfg.samplers:
+        raise ConfigError(f"invalid bench config: samplers {unknown}; choose from {sorted(SAMPLERS)}")
+    for key, ok in (("frames", cfg.frames >= 1), ("warmup", cfg.warmup >= 0), ("threads", cfg.threads >= 0),
+                    ("teacher_frames", cfg.teacher_frames >= 0), ("scaling_frames", cfg.scaling_frames >= 1),
+                    ("device", cfg.device in ("cpu", "cuda", "auto"))):
+        if not ok:
+            raise ConfigError(f"invalid bench config: {key}={getattr(cfg, key)} is out of range")
+    to_dataclass(SamplerConfig, cfg.sampler, "bench sampler").validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- small helpers
+def pct(x: np.ndarray, qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, float]:
+    return {f"p{q}": round(float(np.percentile(x, q)), 3) for q in qs}
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB): /proc/self/statm, else the peak."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def control_latency(cfg: SamplerConfig) -> dict[str, int]:
+    """Emitted frames from the ``step`` that receives a control change (its own frame counts as 1)
+    until the change reaches a frame, in three degrees:
+
+    * ``first_effect_frames``: the first frame it can affect at all. 1 for every sampler: in a
+      rolling window the newest frame carries the new control and attention inside the window
+      is bidirectional, so even without late binding the front frame hears of it.
+    * ``own_control_frames``: the first frame whose own conditioning (adaLN, action token) is
+      the new control: 1 with late binding, else W (it entered the back of the window).
+    * ``full_effect_frames``: the first frame denoised under the new control in every forward:
+      W for rolling (the frame that entered the window in that step), 1 for causal / teacher.
+    """
+    if cfg.name == "rolling":
+        W = cfg.steps
+        return {"first_effect_frames": 1, "own_control_frames": 1 if cfg.late_binding else W,
+                "full_effect_frames": W}
+    return {"first_effect_frames": 1, "own_control_frames": 1, "full_effect_frames": 1}
+
+
+def preset(name: str, latent_res: int = 8) -> ModelConfig:
+    """conf/model/<name>.yaml as a ModelConfig (latent grid side overridden)."""
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model preset {name!r} ({path} missing)")
+    cfg = to_dataclass(ModelConfig, OmegaConf.load(path), f"model preset {name}")
+    cfg.latent_res = latent_res
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the world under test
+class World:
+    """Codec + model (maybe a WindowStep) on a device, and the context that starts a stream."""
+
+    def __init__(self, codec: FrameCodec, model: WorldDiT, source: str, device: str = "cpu",
+                 accel: str = "auto", sampler_defaults: Optional[dict[str, Any]] = None,
+                 classic: Any = None) -> None:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        self.model, self.codec, self.dtype = prepare_for_device(model, codec, dev)
+        self.device, self.source = dev, source
+        self.step_model = WindowStep(model, accel)
+        known = {f.name for f in fields(SamplerConfig)} - {"name", "fold_rerun"}
+        self.sampler_defaults = {k: v for k, v in (sampler_defaults or {}).items() if k in known}
+        from engine.classic_game import ClassicConfig
+        r = codec.cfg.resolution
+        self.classic = classic or ClassicConfig(width=r, height=r)
+        self.resolution = (r, r)
+        z = torch.zeros(1, *codec.latent_shape, device=dev, dtype=self.dtype)
+        self.decode_flops = counted_flops(lambda: codec.decode(z))       # per frame (convs)
+        self._ctx: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def random(cls, model_name: str = "small", resolution: int = 64, **kw: Any) -> "World":
+        """Random-init codec (downsample 8) + model preset: speed does not depend on weights."""
+        codec = FrameCodec(CodecConfig(resolution=resolution, latent_channels=preset(model_name).latent_channels))
+        model = WorldDiT(preset(model_name, codec.cfg.latent_res))
+        return cls(codec, model, f"random-init {model_name} preset", **kw)
+
+    def context(self, n: int, seed: int) -> torch.Tensor:
+        """(n, C, h, w) latents of the classic game's first n frames of world ``seed`` (standing still)."""
+        if n not in self._ctx:
+            from engine.classic_game import ClassicGame
+            game = ClassicGame(self.classic)
+            frames = [game.reset(seed)] + [game.step(game.schema.noop()) for _ in range(max(n - 1, 0))]
+            x = self.codec.frames_to_tensor(np.stack(frames[:n])).to(self.device, self.dtype)
+            with torch.no_grad():
+                self._ctx[n] = self.codec.encode(x)
+        return self._ctx[n]
+
+    def model_gemm(self, window: int = 4) -> tuple[int, int, int]:
+        """(m, k, n) of the model's MLP up-projection for a folded window of ``window`` frames."""
+        c = self.model.cfg
+        return (window + 1) * self.model.tokens_per_frame, c.d_model, int(c.d_model * c.mlp_ratio)
+
+    def info(self) -> dict[str, Any]:
+        c = self.model.cfg
+        return {"source": self.source, "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 3),
+                "codec_params_m": round(sum(p.numel() for p in self.codec.parameters()) / 1e6, 3),
+                "config": to_plain(c), "tokens_per_frame": self.model.tokens_per_frame,
+                "resolution": list(self.resolution), "dtype": str(self.dtype).replace("torch.", "")}
+
+
+def build_world(cfg: BenchConfig) -> World:
+    from engine.actions import DEFAULT_SCHEMA
+    from world_model.checkpoint import load_checkpoint, resolve_dir
+    from world_model.neural_world import DEFAULT_CHECKPOINT, classic_config_for
+
+    path = Path(cfg.checkpoint) if cfg.checkpoint else resolve_dir(DEFAULT_CHECKPOINT)
+    kw: dict[str, Any] = {"device": cfg.device, "accel": cfg.accel}
+    if path is None:
+        world = World.random(cfg.model, **kw)
+        world.source += " (no checkpoint given and assets/default not found)"
+        return world
+    ck = load_checkpoint(path, DEFAULT_SCHEMA)
+    return World(ck.codec, ck.dit, f"checkpoint {path} (id {ck.id})",
+                 sampler_defaults=ck.config.get("sampler_defaults"), classic=classic_config_for(ck), **kw)
+
+
+class Stream:
+    """One sampler over the world's model, with its decode path."""
+
+    def __init__(self, world: World, cfg: SamplerConfig) -> None:
+        self.world, self.cfg = world, cfg
+        self.sampler = make_sampler(world.step_model, cfg)
+        self.stager = FrameStager(world.codec)
+
+    def start(self, seed: int) -> None:
+        n = self.cfg.sink_frames + self.cfg.cache_frames
+        ctx = self.world.context(max(n, 1), seed)
+        gen = torch.Generator(device=self.world.device).manual_seed(seed)
+        self.sampler.start(ctx, torch.zeros(ctx.shape[0], 4, device=self.world.device), gen)
+
+    def kv_bytes(self) -> int:
+        cache = getattr(self.sampler.history, "cache", None)
+        return int(cache.nbytes()) if cache is not None else 0
+
+
+# ----------------------------------------------------------------------------- the frame pipeline
+def _key_script() -> dict[int, list[tuple[str, str]]]:
+    """A 60-tick cycle of key presses (forward held, turns, run): (down|up, key name) per tick."""
+    return {0: [("down", "w")], 10: [("down", "e")], 20: [("up", "e"), ("down", "left shift")],
+            30: [("down", "q")], 40: [("up", "q"), ("up", "left shift")], 50: [("up", "w"), ("down", "a")],
+            55: [("up", "a")]}
+
+
+class Variant:
+    """One pipeline (a sampler stream, or the classic game when ``stream`` is None) and its timings."""
+
+    def __init__(self, label: str, stream: Optional[Stream], n: int, warm: int, world: World,
+                 renderer: Any, tracer: ForwardTracer, seed: int) -> None:
+        import pygame
+
+        from controllers.keyboard import KeyboardController
+        from engine.input import key_code
+        self.label, self.stream, self.n, self.warm = label, stream, n, warm
+        self.world, self.renderer, self.tracer, self.seed = world, renderer, tracer, seed
+        self.pg = pygame
+        self.script = {t: [pygame.event.Event(pygame.KEYDOWN if k == "down" else pygame.KEYUP,
+                                              key=key_code(name), mod=0, unicode="", scancode=0)
+                           for k, name in evs] for t, evs in _key_script().items()}
+        self.controller = KeyboardController()
+        self.stages: dict[str, list[float]] = {s: [] for s in (STAGES if stream else ("input", "game", "present"))}
+        self.calls: list[Any] = []
+        self.tick = 0
+        self.game: Any = None
+
+    def start(self) -> None:
+        if self.stream is not None:
+            self.stream.start(self.seed)
+            self.tracer.take()
+        else:
+            from engine.classic_game import ClassicGame
+            self.game = ClassicGame(self.world.classic)
+            self.game.reset(self.seed)
+
+    def frame(self, timed: bool) -> None:
+        pg, dev, now = self.pg, self.world.device, time.perf_counter
+        posted = pg.display.get_init()
+        script = self.script.get(self.tick % 60, [])
+        for e in script if posted else []:
+            pg.event.post(e)
+        t0 = now()
+        events = pg.event.get() if posted else script
+        action = self.controller.act(TickInput(list(events), None, self.tick))
+        control = torch.from_numpy(action.controls()).to(dev)                  # (4,)
+        t1 = now()
+        rec: dict[str, float] = {"input": t1 - t0}
+        if self.stream is not None:
+            self.tracer.take()
+            z = self.stream.sampler.step(control)                               # (C, h, w)
+            _sync(dev)
+            t2 = now()
+            calls = self.tracer.take()
+            frame = self.stream.stager(z)                                       # (H, W, 3) uint8
+            t3 = now()
+            fwd = sum(c.seconds for c in calls if c.kind == "window")
+            rerun = sum(c.seconds for c in calls if c.kind == "rerun")
+            rec.update(window_forward=fwd, cache_rerun=rerun, sampler_other=max(t2 - t1 - fwd - rerun, 0.0),
+                       decode=t3 - t2)
+        else:
+            frame = self.game.step(action)
+            t3 = now()
+            rec["game"] = t3 - t1
+            calls = []
+        if self.renderer is not None:
+            self.renderer.present(frame)
+            self.renderer.ctx.finish()                                          # the GPU (llvmpipe) work too
+        rec["present"] = now() - t3
+        self.tick += 1
+        if timed:
+            self.calls += calls
+            for k, v in rec.items():
+                self.stages[k].append(v)
+
+    def summary(self, peak_gflops: float) -> dict[str, Any]:
+        st = {k: np.asarray(x) * 1e3 for k, x in self.stages.items()}          # stage -> (frames,) ms
+        total = sum(st.values())                                                # (frames,) pipeline ms
+        out: dict[str, Any] = {"frames": len(total), "fps_pipeline": round(1e3 / float(total.mean()), 2),
+                               "latency_ms": pct(total),
+                               "stages_ms": {k: {"mean": round(float(x.mean()), 3), **pct(x, (50, 95))}
+                                             for k, x in st.items()}}
+        if self.stream is None:
+            return out
+        gen = st["window_forward"] + st["cache_rerun"] + st["sampler_other"] + st["decode"]
+        cost = FrameCost.of(self.calls, len(total))
+        fwd_s = max(cost.window_s + cost.rerun_s, 1e-12)
+        lat = control_latency(self.stream.cfg)
+        p50, dflops = out["latency_ms"]["p50"], self.world.decode_flops
+        out.update({
+            "fps_generated": round(1e3 / float(gen.mean()), 2), "generated_ms": pct(gen),
+            "forwards_per_frame": round(cost.forwards, 3),
+            "forward_shapes": [list(s) for s in cost.query_frames],            # distinct [F, P]
+            "input_to_photon": {**lat, "ms": round(lat["first_effect_frames"] * p50, 2),
+                                "own_control_ms": round(lat["own_control_frames"] * p50, 2),
+                                "full_effect_ms": round(lat["full_effect_frames"] * p50, 2)},
+            "flops": {"dit_gflop_per_frame": round(cost.flops / 1e9, 5),
+                      "decode_gflop_per_frame": round(dflops / 1e9, 5),
+                      "dit_gflops_per_s": round(cost.flops / fwd_s / 1e9, 2),
+                      "mfu_forward": round(cost.flops / fwd_s / (peak_gflops * 1e9), 4),
+                      "mfu_frame": round((cost.flops + dflops) / (float(total.mean()) / 1e3) / (peak_gflops * 1e9), 4)},
+            "kv_cache_mb": round(self.stream.kv_bytes() / 2 ** 20, 3),
+            "sampler": to_plain(self.stream.cfg)})
+        return out
+
+
+def _open_renderer(enabled: bool, size: tuple[int, int]) -> Any:
+    if not enabled:
+        return None
+    try:
+        from engine.renderer import GLRenderer
+        return GLRenderer.offscreen(size)
+    except Exception:  # no EGL / GL 3.3: present is not timed (the JSON says so)
+        return None
+
+
+def _init_events() -> bool:
+    """A (dummy-driver) pygame display so posted events go through SDL's queue; False if none."""
+    import pygame
+    if pygame.display.get_init():
+        return False
+    try:
+        pygame.display.init()
+        pygame.display.set_mode((1, 1))
+        return True
+    except pygame.error:
+        return False
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Build, warm up, time every variant interleaved frame by frame; return the result dict."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    world = build_world(cfg)
+    r = world.resolution
+    renderer = _open_renderer(cfg.present, (r[1] * cfg.window_scale, r[0] * cfg.window_scale))
+    own_display = _init_events()
+    with ForwardTracer(world.step_model) as tracer:
+        variants: list[Variant] = []
+        for name in cfg.samplers:
+            for fold in ((True, False) if cfg.fold_compare else (True,)):
+                scfg = to_dataclass(SamplerConfig, {**world.sampler_defaults, **cfg.sampler, "name": name,
+                                                    "fold_rerun": fold}, "bench sampler")
+                teacher = name == "teacher"
+                n = (cfg.teacher_frames or cfg.frames) if teacher else cfg.frames
+                warm = min(cfg.warmup, scfg.sink_frames + scfg.cache_frames + 2) if teacher else cfg.warmup
+                variants.append(Variant(name if fold else f"{name}_nofold", Stream(world, scfg), n, warm,
+                                        world, renderer, tracer, cfg.seed))
+        variants.append(Variant("classic", None, cfg.frames, cfg.warmup, world, renderer, tracer, cfg.seed))
+        try:
+            for v in variants:
+                v.start()
+            for i in range(max(v.warm for v in variants)):                     # untimed warm-up
+                for v in variants:
+                    if i < v.warm:
+                        v.frame(timed=False)
+            rss0, t0 = rss_mb(), time.perf_counter()
+            rounds = max(v.n for v in variants)
+            for i in range(rounds):                                             # interleaved, spread evenly
+                for v in variants:
+                    if (i + 1) * v.n // rounds > i * v.n // rounds:
+                        v.frame(timed=True)
+            wall, rss1 = time.perf_counter() - t0, rss_mb()
+        finally:
+            gl = renderer.ctx.info.get("GL_RENDERER", "?") if renderer is not None else None
+            if renderer is not None:
+                renderer.close()
+            if own_display:
+                import pygame
+                pygame.display.quit()
+    peak_1024 = matmul_peak_gflops(1024, 1024, 1024, world.device, world.dtype, cfg.peak_seconds)
+    m, k, n = world.model_gemm({**world.sampler_defaults, **cfg.sampler}.get("steps", SamplerConfig().steps))
+    peak_model = matmul_peak_gflops(m, k, n, world.device, world.dtype, cfg.peak_seconds)
+    peak = max(peak_1024, peak_model)
+    samplers = {v.label: v.summary(peak) for v in variants if v.stream is not None}
+    fold = {}
+    for name in cfg.samplers:
+        on, off = samplers.get(name), samplers.get(f"{name}_nofold")
+        if on and off:
+            fold[name] = {"on_generated_ms_p50": on["generated_ms"]["p50"],
+                          "off_generated_ms_p50": off["generated_ms"]["p50"],
+                          "off_over_on": round(off["generated_ms"]["p50"] / on["generated_ms"]["p50"], 3),
+                          "forwards_per_frame_on": on["forwards_per_frame"],
+                          "forwards_per_frame_off": off["forwards_per_frame"]}
+    classic = variants[-1]
+    size = f"{r[1] * cfg.window_scale}x{r[0] * cfg.window_scale}"
+    return {
+        "bench": "world_model", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "accel": {**describe(world.device), "mode": world.step_model.mode,
+                  "graph_fallbacks": world.step_model.fallbacks},
+        "model": world.info(),
+        "renderer": f"gl offscreen {size} ({gl})" if gl else "none (present not timed: no EGL or present=false)",
+        "input_events": "posted to SDL's queue" if own_display else "handed to the controller directly",
+        "frames": cfg.frames, "warmup": cfg.warmup, "wall_s": round(wall, 2),
+        "peak_gflops": {"mm_1024": round(peak_1024, 2), "model_gemm": round(peak_model, 2),
+                        "model_gemm_shape": [m, k, n], "used": round(peak, 2)},
+        "classic": {**classic.summary(peak), "game_ms": pct(np.asarray(classic.stages["game"]) * 1e3)},
+        "samplers": samplers, "fold_rerun": fold,
+        "memory": {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   "rss_after_warmup_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
+                   "growth_mb": round(rss1 - rss0, 2)},
+        "scaling": None}
+
+
+# ----------------------------------------------------------------------------- scaling sweep
+SCALING_AXES: dict[str, list[Any]] = {"resolution": [64, 96, 128], "window": [2, 4, 8], "sink": [0, 1, 4],
+                                      "cache": [1, 3, 8], "model": ["tiny", "small", "base"]}
+
+
+def _scaling_point(p: dict[str, Any], frames: int, warmup: int, device: str, seed: int) -> dict[str, Any]:
+    """Time ``frames`` rolling steps + decodes of a random-init world at point ``p``."""
+    world = World.random(p["model"], p["resolution"], device=device)
+    scfg = SamplerConfig(name="rolling", steps=p["window"], sink_frames=p["sink"], cache_frames=p["cache"])
+    stream = Stream(world, scfg)
+    stages: dict[str, list[float]] = {s: [] for s in ("window_forward", "cache_rerun", "sampler_other", "decode")}
+    u = torch.zeros(4, device=world.device)
+    with ForwardTracer(world.step_model) as tracer:
+        stream.start(seed)
+        calls: list[Any] = []
+        for i in range(warmup + frames):
+            tracer.take()
+            t0 = time.perf_counter()
+            z = stream.sampler.step(u)
+            _sync(world.device)
+            t1 = time.perf_counter()
+            stream.stager(z)
+            t2 = time.perf_counter()
+            c = tracer.take()
+            if i >= warmup:
+                calls += c
+                fwd = sum(x.seconds for x in c if x.kind == "window")
+                rr = sum(x.seconds for x in c if x.kind == "rerun")
+                for k, v in (("window_forward", fwd), ("cache_rerun", rr),
+                             ("sampler_other", max(t1 - t0 - fwd - rr, 0.0)), ("decode", t2 - t1)):
+                    stages[k].append(v * 1e3)
+    total = sum(np.asarray(v) for v in stages.values())
+    return {**p, "tokens_per_frame": world.model.tokens_per_frame, "past_frames": p["sink"] + p["cache"],
+            "params_m": world.info()["params_m"], "ms_p50": round(float(np.percentile(total, 50)), 3),
+            "stages_ms": {k: round(float(np.mean(v)), 3) for k, v in stages.items()},
+            "gflop_per_frame": round(FrameCost.of(calls, frames).flops / 1e9, 5)}
+
+
+def _natural_size(axis: str, pt: dict[str, Any]) -> float:
+    """What an axis really grows: tokens per frame, window frames, attended past frames, parameters."""
+    return float({"resolution": pt["tokens_per_frame"], "window": pt["window"], "sink": pt["past_frames"],
+                  "cache": pt["past_frames"], "model": pt["params_m"]}[axis])
+
+
+def run_scaling(frames: int, warmup: int, model: str = "small", device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """One axis at a time around (64 px, W=4, S=1, L=3, ``model``): ms/frame, stages, fitted growth."""
+    base = {"resolution": 64, "window": 4, "sink": 1, "cache": 3, "model": model}
+    memo: dict[tuple[Any, ...], dict[str, Any]] = {}
+    axes: dict[str, Any] = {}
+    for axis, values in SCALING_AXES.items():
+        pts = []
+        for val in values:
+            p = {**base, axis: val}
+            key = tuple(p.values())
+            if key not in memo:
+                memo[key] = _scaling_point(p, frames, warmup, device, seed)
+            pts.append(memo[key])
+        xs = np.log([_natural_size(axis, q) for q in pts])
+        ys = np.log([max(q["ms_p50"], 1e-6) for q in pts])
+        top = pts[-1]["stages_ms"]
+        dom = max(top, key=lambda k: top[k])
+        axes[axis] = {"points": pts, "ms_ratio": round(pts[-1]["ms_p50"] / max(pts[0]["ms_p50"], 1e-6), 3),
+                      "loglog_exponent": round(float(np.polyfit(xs, ys, 1)[0]), 3) if len(set(xs)) > 1 else None,
+                      "dominant_stage": dom,
+                      "dominant_share": round(top[dom] / max(sum(top.values()), 1e-9), 3)}
+    worst = max(axes, key=lambda a: axes[a]["ms_ratio"])
+    a = axes[worst]
+    return {"base": base, "frames": frames, "axes": axes, "dominant_axis": worst,
+            "verdict": (f"{worst} dominates: x{a['ms_ratio']} from {SCALING_AXES[worst][0]} to "
+                        f"{SCALING_AXES[worst][-1]} (time ~ size^{a['loglog_exponent']}); at the largest "
+                        f"point {a['dominant_stage']} is {round(100 * a['dominant_share'])}% of a frame")}
+
+
+# ----------------------------------------------------------------------------- markdown
+def _photon(p: dict[str, Any]) -> str:
+    return (f"{p['first_effect_frames']} / {p['own_control_frames']} / {p['full_effect_frames']} "
+            f"({p['own_control_ms']})")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """A dated results section for docs/benchmarks.md (one table row per variant)."""
+    m, mod = res["machine"], res["model"]
+    out = [f"\n### {res['date']} · {m['cpu']} · {m['threads']} threads · torch {m['torch']} · "
+           f"{res['accel']['device']}\n",
+           f"Model: {mod['source']} ({mod['params_m']} M params, {mod['tokens_per_frame']} tokens/frame, "
+           f"{mod['dtype']}). Renderer: {res['renderer']}. Peak fp32 matmul: {res['peak_gflops']['used']} "
+           f"GFLOP/s. {res['frames']} timed frames after {res['warmup']} warm-up.\n",
+           "| variant | fps gen | fps pipe | p50 ms | p95 ms | p99 ms | fwd ms | rerun ms | other ms | decode ms "
+           "| present ms | input ms | fwd/frame | GFLOP/frame | MFU fwd | input→photon frames first / own / full "
+           "(ms own) |", "|" + "---|" * 16]
+    for name, s in res["samplers"].items():
+        st, lat = s["stages_ms"], s["latency_ms"]
+        cells = [name, s["fps_generated"], s["fps_pipeline"], lat["p50"], lat["p95"], lat["p99"]]
+        cells += [st[k]["mean"] for k in STAGES[1:]] + [st["input"]["mean"], s["forwards_per_frame"],
+                                                        s["flops"]["dit_gflop_per_frame"], s["flops"]["mfu_forward"],
+                                                        _photon(s["input_to_photon"])]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    c, mem = res["classic"], res["memory"]
+    out.append(f"\nClassic game floor: {c['game_ms']['p50']} ms/frame (game), {c['latency_ms']['p50']} ms "
+               f"(pipeline). Peak RSS {mem['peak_rss_mb']} MB; RSS growth over the timed stream "
+               f"{mem['growth_mb']} MB.")
+    for name, f in res["fold_rerun"].items():
+        out.append(f"fold_rerun {name}: off/on = {f['off_over_on']} ({f['forwards_per_frame_off']} vs "
+                   f"{f['forwards_per_frame_on']} forwards per frame).")
+    sc = res.get("scaling")
+    if sc:
+        out += [f"\nScaling (random init, base {sc['base']}): {sc['verdict']}.\n",
+                "| axis | value | tokens/frame | past frames | ms p50 | fwd ms | decode ms | GFLOP/frame |",
+                "|" + "---|" * 8]
+        for axis, a in sc["axes"].items():
+            for p in a["points"]:
+                out.append(f"| {axis} | {p[axis]} | {p['tokens_per_frame']} | {p['past_frames']} | {p['ms_p50']} "
+                           f"| {p['stages_ms']['window_forward']} | {p['stages_ms']['decode']} "
+                           f"| {p['gflop_per_frame']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        result = run(cfg)
+        if cfg.scaling:
+            result["scaling"] = run_scaling(cfg.scaling_frames, min(cfg.warmup, 10), cfg.scaling_model,
+                                            cfg.device, cfg.seed)
+        if cfg.append:
+            with open(cfg.out, "a", encoding="utf-8") as f:
+                f.write(markdown(result))
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Stage ``distill``: a few-step Rolling Forcing student distilled from the teacher with DMD.
+
+    python -m world_model.train stage=distill teacher=runs/teacher/checkpoint data=runs/data out=runs/distill
+
+Networks (all the teacher's architecture, all initialised from its weights):
+
+- **student** (generator): the model the exported checkpoint plays with. The
+  published recipe first regresses teacher ODE trajectories (Self-Forcing's ODE
+  init); our teacher is already trained on rolling-window layouts, so a copy is
+  a working few-step sampler to start from.
+- **real score**: the frozen teacher (no classifier-free guidance: ours has no
+  unconditional branch).
+- **fake score** (critic): trained every step with the flow-matching loss on the
+  student's detached samples.
+
+One step (``loss``): a batch of real clips gives clean context (sink + cache
+frames, recorded controls) and the recorded controls of the next N frames. The
+student streams N frames from its own history: the rolling-window rollout with
+probability ``1 - p_causal``, else the Self-Forcing causal rollout
+(``world_model/rollout.py``). Each sample is then scored as the causal sampler
+would see its frame: the sink and the L newest clean frames before it (real context,
+then the student's own detached emitted frames), block-causal, the frame itself noised to
+a DMD level, with the control the student used for it. The critic is updated
+every step, the student every ``gen_every``-th (steps gen_every-1, 2*gen_every-1, ...:
+at step 0 the critic still equals the teacher and the DMD gradient is exactly 0).
+Both losses are summed into one backward: the generator loss reaches only the
+student (scores are no-grad), the critic loss only the critic (samples are
+detached). The Trainer gives each its own AdamW group, learning rate and grad clip
+(``Task.param_groups``); on critic-only steps the student has no grad and AdamW skips it.
+
+Validation: teacher-forced next-frame PSNR with the student's rolling few-step
+sampler (the exported one) beside copy-last, codec reconstruction and the teacher's
+many-step ODE on the same held-out frames; rollout mp4s as for the teacher.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from engine.actions import ActionSchema
+from engine.config import ConfigError
+from world_model import masks
+from world_model.checkpoint import load_checkpoint, save_checkpoint
+from world_model.data import ClipBatch, ClipSampler, step_rng, step_torch_generator
+from world_model.ddp import DistInfo
+from world_model.dit import WorldDiT
+from world_model.dmd import dmd_loss, flow_matching_loss, sample_dmd_t
+from world_model.rollout import Rollout, RolloutConfig, causal_rollout, rolling_rollout
+from world_model.schedule import add_noise, x0_from_v
+from world_model.train_teacher import TeacherStageConfig, TeacherTask
+from world_model.trainer import LoopConfig
+
+
+@dataclass
+class DistillStageConfig:
+    name: str = "distill"
+    batch: int = 8
+    rollout_frames: int = 12             # N frames the student streams per rollout (3 windows of 4)
+    p_causal: float = 0.5                # share of Self-Forcing causal rollouts (else rolling)
+    gen_every: int = 5                   # generator update every k steps; critic every step
+    critic_lr: float = 4e-5              # the generator's lr is loop.lr
+    dmd_t_min: float = 0.02              # DMD / critic noise levels: U[t_min, t_max], shifted
+    dmd_t_max: float = 0.98
+    late_binding: bool = True            # rolling: window carries the emitted frame's control (as played)
+    fold_rerun: bool = True              # rollout history writes folded into no-grad forwards
+    sink_frames: Optional[int] = None    # None: the teacher checkpoint's sampler_defaults
+    cache_frames: Optional[int] = None
+    window: Optional[int] = None         # W = the rolling sampler's steps
+    shift: Optional[float] = None
+    p_sink: float = 0.5                  # sink augmentation of the context (data.ClipSampler)
+    max_sink_gap: int = 32
+    holdout_fraction: float = 0.1
+    holdout_seeds: Optional[list[int]] = None
+    encode_batch: int = 64
+    val_clips: int = 64
+    teacher_val_steps: int = 16          # Euler steps of the teacher's reference next-frame PSNR
+    sample_frames: int = 48              # mp4 rollout length
+    sample_sampler: str = "rolling"      # rolling | causal | teacher
+
+    def validate(self) -> None:
+        bad = []
+        if self.batch < 1 or self.rollout_frames < 1 or self.gen_every < 1:
+            bad.append("batch, rollout_frames and gen_every must be >= 1")
+        if not 0.0 <= self.p_causal <= 1.0:
+            bad.append(f"p_causal must be in [0, 1], got {self.p_causal}")
+        if not 0.0 <= self.dmd_t_min < self.dmd_t_max <= 1.0:
+            bad.append(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}")
+        if self.sample_sampler not in ("rolling", "causal", "teacher"):
+            bad.append(f"sample_sampler must be rolling, causal or teacher, got {self.sample_sampler!r}")
+        if self.critic_lr <= 0:
+            bad.append(f"critic_lr must be > 0, got {self.critic_lr}")
+        if bad:
+            raise ConfigError(f"invalid stage config: {bad[0]}")
+
+
+class DistillModel(nn.Module):
+    """The trained networks: ``dit`` (the student, what is exported) and ``critic`` (fake score)."""
+
+    def __init__(self, student: WorldDiT, critic: WorldDiT) -> None:
+        super().__init__()
+        self.dit = student
+        self.critic = critic
+
+
+def frame_histories(stream: Tensor, stream_controls: Tensor, first: int, sink: int,
+                    cache: int) -> tuple[Tensor, Tensor]:
+    """Clean history of every frame from ``first`` on: the sink and the ``cache`` newest frames before it.
+
+    stream (B, Fs, C, h, w), stream_controls (B, Fs, 4) -> (B, N, S+L, C, h, w), (B, N, S+L, 4)
+    with N = Fs - first: what a causal stream's window sees before frame ``first + n``.
+    """
+    B, Fs = stream.shape[:2]
+    if first < sink + cache:
+        raise ValueError(f"frame_histories: {first} frames before the first scored frame, "
+                         f"need sink + cache = {sink + cache}")
+    g = torch.arange(first, Fs)                                                   # (N,) stream index
+    idx = torch.cat([torch.arange(sink).expand(len(g), sink),
+                     g[:, None] - cache + torch.arange(cache)[None]], 1)          # (N, S+L)
+    return stream[:, idx], stream_controls[:, idx]
+
+
+def score_velocity(net: WorldDiT, hist: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor, u: Tensor,
+                   mask: Tensor) -> Tensor:
+    """Velocity of noisy frames xt (B, N, C, h, w) at t (B, N), controls u (B, N, 4), each after its
+    own clean history hist (B, N, H, C, h, w) / hist_u (B, N, H, 4), block-causal (``mask``).
+
+    The B*N sequences of H + 1 frames are one batch: (B, N, C, h, w) out.
+    """
+    B, N, H = hist.shape[:3]
+    seq = torch.cat([hist, xt[:, :, None]], 2).flatten(0, 1)                     # (B*N, H+1, C, h, w)
+    ts = torch.cat([t.new_zeros(B, N, H), t[:, :, None]], 2).flatten(0, 1)        # (B*N, H+1)
+    us = torch.cat([hist_u, u[:, :, None]], 2).flatten(0, 1)                      # (B*N, H+1, 4)
+    v = net(seq, ts, us, mask=mask)[:, -1]                                        # (B*N, C, h, w)
+    return v.view(B, N, *v.shape[1:])
+
+
+def _resolved(value: Any, defaults: dict[str, Any], key: str, fallback: Any) -> Any:
+    return value if value is not None else type(fallback)(defaults.get(key, fallback))
+
+
+class DistillTask(TeacherTask):
+    """Reuses TeacherTask's data, held-out split, validation, mp4s and export; replaces the objective."""
+
+    items_name = "frames"
+
+    def __init__(self, cfg: DistillStageConfig, teacher: Path | str, data: Path | str, out: Path | str,
+                 schema: ActionSchema, seed: int = 0, dist: DistInfo = DistInfo(),
+                 progress: bool = False) -> None:
+        cfg.validate()
+        if dist.enabled:
+            raise ConfigError("stage=distill runs in one process (its generator/critic alternation "
+                              "is not wired to DistributedDataParallel); drop torchrun")
+        ck = load_checkpoint(teacher, schema)
+        sd = dict(ck.config.get("sampler_defaults") or {})
+        S = _resolved(cfg.sink_frames, sd, "sink_frames", 1)
+        L = _resolved(cfg.cache_frames, sd, "cache_frames", 3)
+        W = _resolved(cfg.window, sd, "steps", 4)
+        shift = _resolved(cfg.shift, sd, "shift", 1.0)
+        tcfg = TeacherStageConfig(batch=cfg.batch, sink_frames=S, cache_frames=L, window=W, shift=shift,
+                                  p_sink=cfg.p_sink, max_sink_gap=cfg.max_sink_gap,
+                                  holdout_fraction=cfg.holdout_fraction, holdout_seeds=cfg.holdout_seeds,
+                                  encode_batch=cfg.encode_batch, val_clips=cfg.val_clips,
+                                  val_steps=cfg.teacher_val_steps, rollout_frames=cfg.sample_frames,
+                                  rollout_sampler=cfg.sample_sampler)
+        # Data, held-out split, codec, val set and mp4 writer come from TeacherTask (its own
+        # randomly initialised objective is discarded below).
+        super().__init__(tcfg, ck.dit.cfg, teacher, data, out, schema, seed=seed, dist=dist, progress=progress)
+        self.name = "distill"
+        self.dcfg, self.L = cfg, L
+        self.teacher_id = ck.id
+        self.teacher_training = dict(ck.config.get("training") or {})
+        self.teacher: WorldDiT = ck.dit.eval().requires_grad_(False)
+        self.model = DistillModel(copy.deepcopy(self.teacher).train().requires_grad_(True),
+                                  copy.deepcopy(self.teacher).train().requires_grad_(True))
+        self.rollout_cfg = RolloutConfig(window=W, shift=shift, sink_frames=S, cache_frames=L,
+                                         late_binding=cfg.late_binding, fold_rerun=cfg.fold_rerun)
+        # What the exported checkpoint plays with: the rolling sampler, W = steps, late binding on.
+        self.sampler_defaults = {**self.sampler_defaults, "name": "rolling", "steps": W, "renoise": "fresh",
+                                 "late_binding": True, "context_t": 0.0}
+        self.F0 = S + L                                         # clean context frames of a rollout clip
+        n_train = self.val_sessions[0] if self.val_name == "val" else len(self.val_sessions)
+        # context + N generated frames + the W-1 tail frames still entering the window at the end
+        self.clips = ClipSampler(self.latents, self.F0 + cfg.rollout_frames + W - 1, cfg.batch,
+                                 sessions=range(n_train), sink_frames=S, p_sink=cfg.p_sink,
+                                 max_sink_gap=cfg.max_sink_gap, seed=seed, rank=dist.rank)
+        self.score_mask = masks.block_causal(self.F0 + 1, self.teacher.tokens_per_frame)
+        self._teacher_val: Optional[dict[str, float]] = None
+
+    def param_groups(self, cfg: LoopConfig) -> list[dict[str, Any]]:
+        return [{"name": "generator", "params": list(self.model.dit.parameters()), "lr": cfg.lr},
+                {"name": "critic", "params": list(self.model.critic.parameters()), "lr": self.dcfg.critic_lr}]
+
+    # ------------------------------------------------------------------ training
+    def rollout(self, student: WorldDiT, batch: ClipBatch, pos: int,
+                grad: bool) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
+        """Batch number ``pos`` streamed by the student -> (rollout, score histories, their controls, metrics)."""
+        rng = step_rng(self.seed, self.dist.rank, pos, stream=1)
+        causal = bool(rng.random() < self.dcfg.p_causal)
+        choice = int(rng.integers(self.W))      # rolling: phase k of the grad windows; causal: exit step
+        gen = step_torch_generator(self.seed, self.dist.rank, pos, stream=2)
+        N, F0 = self.dcfg.rollout_frames, self.F0
+        ctx, ctx_u, fut_u = batch.latents[:, :F0], batch.controls[:, :F0], batch.controls[:, F0:]
+        run = causal_rollout if causal else rolling_rollout
+        ro = run(student, ctx, ctx_u, fut_u, N, self.rollout_cfg, gen, choice, grad)
+        # the clean stream the frames were generated after (real context, then own emitted frames)
+        stream = torch.cat([ctx, ro.emitted], 1)                                  # (B, F0+N, C, h, w)
+        stream_u = torch.cat([ctx_u, fut_u[:, :N]], 1)                           # (B, F0+N, 4)
+        hist, hist_u = frame_histories(stream, stream_u, F0, self.S, self.L)
+        return ro, hist, hist_u, {"causal": float(causal), "choice": float(choice),
+                                  "sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
+
+    def loss(self, model: nn.Module, step: int) -> tuple[Tensor, dict[str, float]]:
+        pos = self.clips.position
+        batch = self.clips.next()
+        gen_step = (step + 1) % self.dcfg.gen_every == 0
+        ro, hist, hist_u, m = self.rollout(model.dit, batch, pos, grad=gen_step)
+        x = ro.samples                                                            # (B, N, C, h, w)
+        B, N = x.shape[:2]
+        c, sh = self.dcfg, self.shift
+
+        # fake score: flow matching on the detached samples, with the real score's context
+        g = step_torch_generator(self.seed, self.dist.rank, pos, stream=3)
+        t = sample_dmd_t((B, N), g, c.dmd_t_min, c.dmd_t_max, sh)
+        eps = torch.randn(x.shape, generator=g)
+        tb = t[:, :, None, None, None]
+        xd = x.detach()
+        v = score_velocity(model.critic, hist, hist_u, add_noise(xd, tb, eps), t, ro.sample_controls,
+                           self.score_mask)
+        critic = flow_matching_loss(v, xd, eps)
+        total = critic
+        gen_loss = gap = math.nan
+        if gen_step:
+            g = step_torch_generator(self.seed, self.dist.rank, pos, stream=4)
+            t = sample_dmd_t((B, N), g, c.dmd_t_min, c.dmd_t_max, sh)
+            tb = t[:, :, None, None, None]
+            xt = add_noise(xd, tb, torch.randn(x.shape, generator=g))
+            with torch.no_grad():
+                real = x0_from_v(xt, tb, score_velocity(self.teacher, hist, hist_u, xt, t, ro.sample_controls,
+                                                        self.score_mask))
+                fake = x0_from_v(xt, tb, score_velocity(model.critic, hist, hist_u, xt, t, ro.sample_controls,
+                                                        self.score_mask))
+            g_loss = dmd_loss(x, real, fake)
+            total = total + g_loss
+            gen_loss, gap = float(g_loss.detach()), float((fake - real).abs().mean())
+        return total, {**m, "gen_step": float(gen_step), "critic_loss": float(critic.detach()),
+                       "gen_loss": gen_loss, "real_fake_gap": gap,
+                       "sample_level": float(ro.sample_levels.mean())}
+
+    def items_per_step(self) -> int:
+        return self.dcfg.batch * self.dcfg.rollout_frames
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def predict_last(self, dit: WorldDiT, latents: Tensor, controls: Tensor, steps: int,
+                     gen: torch.Generator) -> Tensor:
+        """Teacher-forced last frame (B, C, h, w) of clips (B, F, ...): the student's rolling few-step
+        sampler as exported (late binding) after F-1 real frames; the teacher keeps its ODE steps."""
+        if dit is self.teacher:
+            return super().predict_last(dit, latents, controls, steps, gen)
+        cfg = dataclasses.replace(self.rollout_cfg, late_binding=True)
+        ro = rolling_rollout(dit, latents[:, :-1], controls[:, :-1], controls[:, -1:], 1, cfg, gen, 0, False)
+        return ro.emitted[:, 0]
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        m = super().validate(model)
+        n = self.val_name
+        if self._teacher_val is None:    # the teacher is frozen: its reference is computed once
+            ref = super().validate(nn.ModuleDict({"dit": self.teacher}))
+            self._teacher_val = {f"{n}_teacher_next_psnr": ref[f"{n}_next_psnr"]}
+        m.update(self._teacher_val)
+        m[f"{n}_student_minus_teacher_db"] = m[f"{n}_next_psnr"] - m[f"{n}_teacher_next_psnr"]
+        return m
+
+    # ------------------------------------------------------------------ export / resume
+    def export(self, model: nn.Module, path: Path, training: dict[str, Any]) -> str:
+        c = self.dcfg
+        info = {**training, "teacher_id": self.teacher_id,
+                "codec_id": self.teacher_training.get("codec_id", self.codec_id), "classic": self.classic,
+                "window": self.W, "rollout_frames": c.rollout_frames, "p_causal": c.p_causal,
+                "gen_every": c.gen_every, "late_binding": c.late_binding}
+        return save_checkpoint(path, self.codec, model.dit, self.schema, self.resolution,
+                               extra={"sampler_defaults": self.sampler_defaults, "training": info})
+
+    def fingerprint(self) -> dict[str, Any]:
+        c = self.dcfg
+        return {**super().fingerprint(), "teacher_id": self.teacher_id, "sink": self.S, "cache": self.L,
+                "rollout_frames": c.rollout_frames, "late_binding": c.late_binding}

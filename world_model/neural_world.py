@@ -1,0 +1,137 @@
+"""NeuralWorld: the dreamed maze as a FrameSource (``source=neural``).
+
+The loop sees the same ``reset(seed) -> frame`` / ``step(action) -> frame``
+contract as the classic game; inside, a checkpoint's codec and world model are
+driven by a stream sampler (rolling, causal or teacher), one latent frame per
+call, decoded to pixels.
+
+Start of a stream: ``reset(seed)`` renders the first ``context_frames`` frames
+of that seed's classic maze (the player standing still), encodes them and hands
+them to the sampler as context; the first ``sink_frames`` of them become the
+attention sink. A *shadow* classic game keeps stepping with the same actions:
+it gives the explorer controller its sensors and gives evaluation the ground
+truth, and costs about a millisecond per frame. The model never sees it after
+the context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from engine.actions import DEFAULT_SCHEMA, Action, ActionSchema
+from engine.classic_game import ClassicConfig, ClassicGame
+from engine.config import ConfigError, to_dataclass, to_plain
+from engine.source import Sensors
+from world_model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from world_model.samplers import SamplerConfig, make_sampler
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+@dataclass
+class NeuralConfig:
+    checkpoint: Optional[str] = None   # checkpoint directory; None = the shipped assets/default
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    device: str = "auto"               # auto | cpu | cuda
+    context_frames: int = 0            # real frames that start a stream; 0 = sink + cache frames
+    shadow: bool = True                # step a classic game alongside (sensors, ground truth)
+    threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("invalid source config: device=cuda but CUDA is not available (use device=cpu)")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"invalid source config: device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def classic_config_for(ckpt: LoadedCheckpoint) -> ClassicConfig:
+    """The classic-game config the checkpoint's data came from (its resolution at least)."""
+    h, w = (int(v) for v in ckpt.config["resolution"])
+    recorded = (ckpt.config.get("training") or {}).get("classic") or {}
+    cfg = to_dataclass(ClassicConfig, recorded, f"checkpoint {ckpt.path} classic")
+    cfg.height, cfg.width = h, w
+    return cfg
+
+
+class NeuralWorld:
+    """A FrameSource whose frames come from a diffusion world model."""
+
+    def __init__(self, cfg: NeuralConfig, schema: ActionSchema = DEFAULT_SCHEMA,
+                 checkpoint: Optional[LoadedCheckpoint] = None) -> None:
+        self.cfg = cfg
+        self.schema = schema
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = _device(cfg.device)
+        path = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
+        self.ckpt = checkpoint or load_checkpoint(path, schema)
+        self.codec = self.ckpt.codec.to(self.device).eval()
+        self.dit = self.ckpt.dit.to(self.device).eval()
+        h, w = (int(v) for v in self.ckpt.config["resolution"])
+        self.resolution = (h, w)
+        self.sampler = make_sampler(self.dit, cfg.sampler)
+        s = cfg.sampler
+        self.context_frames = cfg.context_frames or (s.sink_frames + s.cache_frames)
+        if self.context_frames < s.sink_frames:
+            raise ConfigError(f"invalid source config: context_frames {self.context_frames} "
+                              f"< sink_frames {s.sink_frames}")
+        self.shadow = ClassicGame(classic_config_for(self.ckpt), schema)
+        self._seed: Optional[int] = None
+
+    # ------------------------------------------------------------------ FrameSource
+    @torch.inference_mode()
+    def reset(self, seed: int) -> np.ndarray:
+        """Start a new stream from ``context_frames`` real frames of world ``seed``; returns the last."""
+        self._seed = int(seed)
+        noop = self.schema.noop()
+        frames = [self.shadow.reset(seed)]
+        for _ in range(self.context_frames - 1):
+            frames.append(self.shadow.step(noop))
+        ctx = np.stack(frames)                                                  # (F0, H, W, 3) uint8
+        z = self.codec.encode(self.codec.frames_to_tensor(ctx).to(self.device))  # (F0, C, h, w)
+        controls = torch.zeros(len(frames), self.schema.control_dim, device=self.device)  # (F0, 4)
+        gen = torch.Generator(device=self.device).manual_seed(self._seed)
+        self.sampler.start(z, controls, gen)
+        return frames[-1]
+
+    @torch.inference_mode()
+    def step(self, action: Action) -> np.ndarray:
+        if self._seed is None:
+            raise RuntimeError("NeuralWorld.step called before reset(seed)")
+        if self.cfg.shadow:
+            self.shadow.step(action)
+        control = torch.from_numpy(action.controls()).to(self.device)          # (4,)
+        z = self.sampler.step(control)                                          # (C, h, w)
+        return self.codec.tensor_to_frames(self.codec.decode(z[None]))[0]      # (H, W, 3) uint8
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "neural", "seed": self._seed, "checkpoint": str(self.ckpt.path),
+                "checkpoint_id": self.ckpt.id, "sampler": to_plain(self.cfg.sampler),
+                "context_frames": self.context_frames}
+
+    def sensors(self) -> Optional[Sensors]:
+        """The shadow classic game's sensors (what the real maze would say under the same actions)."""
+        return self.shadow.sensors() if self.cfg.shadow and self._seed is not None else None
+
+    def ground_truth(self) -> np.ndarray:
+        """The shadow classic game's current frame (evaluation)."""
+        return self.shadow.render()
+
+
+def build_source(node: Any) -> NeuralWorld:
+    """Registry factory (engine.sources): the ``source`` config node -> NeuralWorld."""
+    cfg = to_dataclass(NeuralConfig, node, "source")
+    try:
+        return NeuralWorld(cfg)
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint not found: {e}") from None

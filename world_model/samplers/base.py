@@ -1,0 +1,295 @@
+"""The streaming sampler interface and the two histories a sampler can attend to.
+
+A ``StreamSampler`` turns a model into an endless stream of clean latent
+frames: ``start(context, controls, generator)`` then ``step(control)`` per
+frame. Samplers own the noise schedule and the window of frames being
+denoised; what came *before* the window (the history) is one of:
+
+* ``CachedHistory`` (``use_cache=True``): a ``KVCache`` (sink + rolling).
+  Committing a clean frame means one forward of that frame at noise
+  ``context_t`` against the cache, storing its K/V. With ``fold_rerun`` that
+  forward is folded into the next ``predict`` call: the pending clean frame
+  is prepended to the query (``masks.window_mask(..., clean_front=1)``), so
+  each emitted frame costs one forward fewer, with identical results.
+* ``RecomputeHistory`` (``use_cache=False``): the reference. It keeps clean
+  latents only and recomputes every K/V on every call, in ONE forward with an
+  explicit mask and explicit RoPE positions. Why it keeps more than the
+  retained sink + L frames, and copies of the sink: a cached frame's K/V at
+  layer l >= 1 were computed against the history *of its own time* (frames
+  since evicted, and the sink at the distance it had then). To be exactly
+  equal it lays every needed frame out at its commit index, gives every
+  distinct "sink distance" its own copy of the sink (RoPE is relative, so a
+  shifted copy has the same K/V), and keeps the dependency cone
+  ``L + (depth - 1) * (L - 1)`` rolling frames deep. Memory stays bounded.
+
+Cache semantics shared by both (what "the history of a frame" means): a
+frame committed when the rolling part is full first evicts the oldest rolling
+frame, then is computed against sink + the newest L-1 frames (+ itself). A
+query (window) sees sink + the newest L frames.
+
+Randomness comes only from the generator given to ``start``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import masks
+from ..dit import WorldDiT
+from ..kv_cache import KVCache
+from ..schedule import renoise
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "rolling"       # rolling | causal | teacher
+    steps: int = 4              # denoising steps per frame (= window length W for rolling)
+    teacher_steps: int = 32     # Euler ODE steps of the teacher reference
+    shift: float = 1.0          # timestep shift of the levels (schedule.shift_t)
+    sink_frames: int = 1        # S: first frames kept forever
+    cache_frames: int = 3       # L: rolling clean frames kept (>= 0)
+    late_binding: bool = True   # newest control replaces those of all not-yet-shown window frames
+    fold_rerun: bool = True     # write an emitted frame's cache K/V in the next forward
+    renoise: str = "fresh"      # "fresh" Gaussian noise, or "ode" (predicted noise: DDIM / Euler)
+    context_t: float = 0.0      # noise level at which clean frames are written to the history
+    use_cache: bool = True      # False: RecomputeHistory reference (slow, exact)
+
+    def validate(self) -> None:
+        if self.renoise not in ("fresh", "ode"):
+            raise ValueError(f"sampler.renoise must be 'fresh' or 'ode', got {self.renoise!r}")
+        if self.steps < 1 or self.teacher_steps < 1 or self.sink_frames < 0 or self.cache_frames < 0:
+            raise ValueError(f"sampler: steps, teacher_steps must be >= 1 and sink_frames, cache_frames "
+                             f">= 0 (got {self.steps}, {self.teacher_steps}, {self.sink_frames}, "
+                             f"{self.cache_frames})")
+        if not 0.0 <= self.context_t < 1.0:
+            raise ValueError(f"sampler.context_t must be in [0, 1), got {self.context_t}")
+
+
+class History(ABC):
+    """Clean frames before the window, as the model attends to them."""
+
+    def __init__(self, model: WorldDiT, sink_frames: int, cache_frames: int) -> None:
+        self.model = model
+        self.S, self.L = sink_frames, cache_frames
+        self.num_forwards = 0                      # model calls made (benchmarks, tests)
+
+    @abstractmethod
+    def commit(self, x: Tensor, level: float, control: Tensor) -> None:
+        """Add one clean frame given as its model input x (C, h, w) at noise ``level``, control (4,)."""
+
+    @abstractmethod
+    def predict(self, x: Tensor, t: Tensor, controls: Tensor) -> Tensor:
+        """Velocity (F, C, h, w) of query frames x (F, C, h, w) at levels t (F,), controls (F, 4),
+        attending to the history and bidirectionally among themselves."""
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+
+class CachedHistory(History):
+    """History as a KVCache; optionally folds the clean-frame rerun into the next query forward."""
+
+    def __init__(self, model: WorldDiT, sink_frames: int, cache_frames: int, fold_rerun: bool) -> None:
+        super().__init__(model, sink_frames, cache_frames)
+        self.cache = KVCache(model.cfg.depth, sink_frames, cache_frames, model.tokens_per_frame)
+        self.fold = fold_rerun
+        self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # x (1,1,C,h,w), t (1,1), u (1,1,4)
+
+    def _kept(self) -> bool:
+        """Whether the next committed frame will be stored at all."""
+        return self.cache.sink_frames < self.S or self.L > 0
+
+    def _make_room(self) -> None:
+        # Evict BEFORE computing a rolling frame's K/V: it is computed against exactly
+        # the history it will be cached with (this is what makes folding exact).
+        if self.cache.sink_frames == self.S and self.cache.rolling_frames == self.L:
+            self.cache.evict(self.L - 1)
+
+    def commit(self, x: Tensor, level: float, control: Tensor) -> None:
+        item = (x[None, None], torch.full((1, 1), level, dtype=x.dtype, device=x.device),
+                control[None, None].to(x.dtype))                      # (1,1,C,h,w), (1,1), (1,1,4)
+        self._flush()
+        if not self._kept():
+            return
+        if self.fold:
+            self._pending = item                                      # written by the next predict()
+            return
+        self._make_room()
+        _, fkv = self.model.forward_kv(*item, past=self.cache.past())  # one frame: no mask needed
+        self.num_forwards += 1
+        self.cache.append(fkv)
+
+    def _flush(self) -> None:
+        """Write a pending frame with its own forward (only when two commits come back to back)."""
+        if self._pending is None:
+            return
+        item, self._pending = self._pending, None
+        self._make_room()
+        _, fkv = self.model.forward_kv(*item, past=self.cache.past())
+        self.num_forwards += 1
+        self.cache.append(fkv)
+
+    def predict(self, x: Tensor, t: Tensor, controls: Tensor) -> Tensor:
+        Fq = x.shape[0]
+        xq, tq, uq = x[None], t[None].to(x.dtype), controls[None].to(x.dtype)  # (1,F,C,h,w), (1,F), (1,F,4)
+        if self._pending is None:
+            v = self.model(xq, tq, uq, past=self.cache.past())       # window sees everything: no mask
+            self.num_forwards += 1
+            return v[0]
+        (px, pt, pu), self._pending = self._pending, None
+        self._make_room()
+        past = self.cache.past()
+        mask = masks.window_mask(past.num_frames, Fq, self.model.tokens_per_frame, clean_front=1).to(x.device)
+        v, fkv = self.model.forward_kv(torch.cat([px, xq], 1), torch.cat([pt, tq], 1),
+                                       torch.cat([pu, uq], 1), past=past, mask=mask)  # (1, 1+F, C, h, w)
+        self.num_forwards += 1
+        self.cache.append(fkv.select(0, 1))                          # the clean front frame's K/V
+        return v[0, 1:]
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._pending = None
+
+
+class RecomputeHistory(History):
+    """Reference history: clean latents only, everything recomputed per call (see module doc)."""
+
+    def __init__(self, model: WorldDiT, sink_frames: int, cache_frames: int) -> None:
+        super().__init__(model, sink_frames, cache_frames)
+        L = cache_frames
+        # rolling frames whose layer-(depth-1) inputs can still reach a query
+        self.keep = L + (model.cfg.depth - 1) * max(L - 1, 0)
+        self.frames: list[tuple[int, Tensor, float, Tensor]] = []   # (commit index, x, level, control)
+        self.n = 0                                                  # frames committed so far
+
+    def commit(self, x: Tensor, level: float, control: Tensor) -> None:
+        if self.n >= self.S and self.L == 0:
+            self.n += 1
+            return
+        self.frames.append((self.n, x, level, control))
+        self.n += 1
+        sink = [f for f in self.frames if f[0] < self.S]
+        rolling = [f for f in self.frames if f[0] >= self.S][-self.keep:] if self.keep else []
+        self.frames = sink + rolling
+
+    def _first_rolling(self, j: int) -> int:
+        """Commit index of the oldest rolling frame visible to a consumer at commit index j."""
+        span = self.L - 1 if j < self.n else self.L     # committed frames see L-1 others, queries L
+        return max(self.S, j - span)
+
+    def predict(self, x: Tensor, t: Tensor, controls: Tensor) -> Tensor:
+        S, Fq = self.S, x.shape[0]
+        sink = [f for f in self.frames if f[0] < S]
+        rolling = [f for f in self.frames if f[0] >= S]
+        # consumers: rolling frames (commit index j) and the query block (index n);
+        # each sees the sink shifted by offset o = first_rolling - S
+        offsets = sorted({self._first_rolling(j) - S for j, *_ in rolling} | {self._first_rolling(self.n) - S})
+        seq_x: list[Tensor] = []
+        seq_t: list[float] = []
+        seq_u: list[Tensor] = []
+        pos: list[int] = []
+        copy_start: dict[int, int] = {}                  # offset -> sequence index of its sink copy
+        for o in offsets:
+            copy_start[o] = len(pos)
+            for j, fx, lv, fu in sink:
+                seq_x.append(fx); seq_t.append(lv); seq_u.append(fu); pos.append(o + j)
+        roll_start = len(pos)
+        for j, fx, lv, fu in rolling:
+            seq_x.append(fx); seq_t.append(lv); seq_u.append(fu); pos.append(j)
+        q_start = len(pos)
+        pos += list(range(self.n, self.n + Fq))
+        N = len(pos)
+        m = torch.zeros(N, N, dtype=torch.bool)          # frame-level mask, rows = queries
+        for o, c0 in copy_start.items():                 # sink copies: causal within the copy
+            m[c0:c0 + len(sink), c0:c0 + len(sink)] = masks.block_causal_frames(len(sink))
+        ridx = {j: roll_start + i for i, (j, *_) in enumerate(rolling)}
+        for j, row in list(ridx.items()) + [(self.n, q_start)]:
+            first = self._first_rolling(j)
+            c0 = copy_start[first - S]
+            rows = slice(row, row + (Fq if j == self.n else 1))
+            m[rows, c0:c0 + len(sink)] = True
+            for i in range(first, j):
+                if i in ridx:                            # frames beyond the cone are not needed
+                    m[rows, ridx[i]] = True
+            m[rows, rows] = True                         # itself (the query block: bidirectional)
+        xs = torch.cat([torch.stack(seq_x), x]) if seq_x else x            # (N, C, h, w)
+        ts = torch.cat([torch.tensor(seq_t, dtype=x.dtype, device=x.device), t.to(x.dtype)])  # (N,)
+        us = torch.cat([torch.stack(seq_u).to(x.dtype), controls.to(x.dtype)]) if seq_u else controls
+        mask = masks.expand(m, self.model.tokens_per_frame).to(x.device)
+        v = self.model(xs[None], ts[None], us[None].to(x.dtype), mask=mask,
+                       time_pos=torch.tensor(pos, device=x.device))          # (1, N, C, h, w)
+        self.num_forwards += 1
+        return v[0, q_start:]
+
+    def reset(self) -> None:
+        self.frames = []
+        self.n = 0
+
+
+class StreamSampler(ABC):
+    """start(context) once, then step(control) -> one new clean latent (C, h, w) per call."""
+
+    def __init__(self, model: WorldDiT, cfg: SamplerConfig) -> None:
+        cfg.validate()
+        self.model = model
+        self.cfg = cfg
+        self.history: History = (CachedHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun)
+                                  if cfg.use_cache else RecomputeHistory(model, cfg.sink_frames, cfg.cache_frames))
+        self.generator: torch.Generator | None = None
+        self.frames_emitted = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _noise(self, *shape: int) -> Tensor:
+        assert self.generator is not None, "call start() first"
+        return torch.randn(*shape, generator=self.generator, device=self.generator.device).to(
+            self.device, self.dtype)
+
+    def _commit(self, x0: Tensor, control: Tensor) -> None:
+        """Write a clean frame (C, h, w) to the history, at noise context_t (noise drawn now)."""
+        lv = self.cfg.context_t
+        x = renoise(x0, lv, self._noise(*x0.shape)) if lv > 0 else x0
+        self.history.commit(x, lv, control)
+
+    @torch.no_grad()
+    def start(self, context: Tensor, controls: Tensor, generator: torch.Generator) -> None:
+        """Reset, write clean context latents (F0, C, h, w) with their controls (F0, 4) to the
+        history (the first S become the sink), then warm up so every ``step`` emits one frame."""
+        if context.ndim != 4 or controls.shape != (context.shape[0], self.model.cfg.control_dim):
+            raise ValueError(f"start: context (F0, C, h, w) and controls (F0, "
+                             f"{self.model.cfg.control_dim}) expected, got {tuple(context.shape)} "
+                             f"and {tuple(controls.shape)}")
+        self.generator = generator
+        self.history.reset()
+        self.frames_emitted = 0
+        context = context.to(self.device, self.dtype)
+        controls = controls.to(self.device, self.dtype)
+        for i in range(context.shape[0]):
+            self._commit(context[i], controls[i])
+        last = controls[-1] if controls.shape[0] else torch.zeros(self.model.cfg.control_dim,
+                                                                  device=self.device, dtype=self.dtype)
+        self._warm_up(last)
+
+    @torch.no_grad()
+    def step(self, control: Tensor) -> Tensor:
+        """Apply ``control`` (4,) and return the next clean latent frame (C, h, w)."""
+        if self.generator is None:
+            raise RuntimeError("StreamSampler.step called before start()")
+        out = self._step(control.to(self.device, self.dtype))
+        self.frames_emitted += 1
+        return out
+
+    def _warm_up(self, control: Tensor) -> None:
+        """Fill the denoising pipeline after ``start`` (nothing by default)."""
+
+    @abstractmethod
+    def _step(self, control: Tensor) -> Tensor: ...

@@ -1,0 +1,91 @@
+"""Rolling Forcing: a window of W frames at rising noise levels, denoised jointly.
+
+Schedule (W = cfg.steps, levels l_k = rolling_levels(W, shift), l_{W-1} = 1)::
+
+    call n:     front                                   back
+    window      [ f_n @ l_0 | f_n+1 @ l_1 | ... | f_n+W-1 @ l_W-1 = pure noise ]   one forward
+                   |             |                     |
+                   v x0          v renoise to l_0      v renoise to l_W-2
+    emitted     f_n (clean)   -> history (cache)
+    call n+1:   [ f_n+1 @ l_0 | ...              | f_n+W-2 @ l_W-2 | f_n+W @ 1 ]
+
+Each frame is seen by W consecutive forwards, once at each level, so W
+forwards of W frames emit W frames: one window forward per emitted frame.
+Attention inside the window is bidirectional; the window sees the history
+(sink + rolling clean frames) before it.
+
+* Warm-up (in ``start``): W-1 partial windows (only the back part of the
+  schedule) fill the pipeline, so the first ``step`` already emits a frame.
+  Frames entering before any ``step`` carry the last context control.
+* Late binding (``late_binding``): at each step the newest control replaces
+  the controls of all window frames (none of them has been shown yet), so the
+  emitted frame obeys the control given in the same call. Without it a frame
+  keeps the control it entered with and obeys it W-1 calls late.
+* The emitted frame's clean K/V enter the history (``fold_rerun`` folds that
+  rerun into the next forward; see ``base.CachedHistory``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..dit import WorldDiT
+from ..schedule import eps_from_v, renoise, rolling_levels, x0_from_v
+from .base import SamplerConfig, StreamSampler
+
+
+class RollingSampler(StreamSampler):
+    def __init__(self, model: WorldDiT, cfg: SamplerConfig) -> None:
+        super().__init__(model, cfg)
+        self.W = cfg.steps
+        self.levels = rolling_levels(self.W, cfg.shift)          # (W,) increasing, back = 1.0
+        c = model.cfg
+        self._frame_shape = (c.latent_channels, c.latent_res, c.latent_res)
+        self.x: Tensor = torch.empty(0, *self._frame_shape)      # (k, C, h, w) window, front first
+        self.u: Tensor = torch.empty(0, c.control_dim)           # (k, 4) their controls
+
+    def window_levels(self) -> Tensor:
+        """(k,) noise levels of the k frames currently in the window (front first)."""
+        k = self.x.shape[0]
+        return self.levels[self.W - k:].to(self.device, self.dtype)
+
+    def _warm_up(self, control: Tensor) -> None:
+        self.x = self.x.new_empty(0, *self._frame_shape).to(self.device, self.dtype)
+        self.u = control.new_empty(0, control.shape[0])
+        for _ in range(self.W - 1):
+            emitted = self._advance(control)
+            assert emitted is None
+
+    def _step(self, control: Tensor) -> Tensor:
+        out = self._advance(control)
+        assert out is not None
+        return out
+
+    def _advance(self, control: Tensor) -> Tensor | None:
+        """Add a pure-noise frame at the back, run one forward, shift every frame one level down.
+
+        Returns the front frame's clean latent (C, h, w) if it reached the front, else None.
+        """
+        noise = self._noise(*self._frame_shape)                                  # (C, h, w)
+        self.x = torch.cat([self.x, noise[None]])                                # (k, C, h, w)
+        self.u = torch.cat([self.u, control[None]])                              # (k, 4)
+        if self.cfg.late_binding:
+            self.u = control[None].expand_as(self.u).clone()                     # nothing in the window shown yet
+        t = self.window_levels()                                                 # (k,)
+        v = self.history.predict(self.x, t, self.u)                              # (k, C, h, w)
+        tb = t[:, None, None, None]                                              # (k, 1, 1, 1)
+        x0 = x0_from_v(self.x, tb, v)                                            # (k, C, h, w)
+        emitted = None
+        full = self.x.shape[0] == self.W
+        if full:                                                                 # front is at l_0: done
+            emitted = x0[0]
+            self._commit(emitted, self.u[0])
+            x0, self.x, self.u, v, tb = x0[1:], self.x[1:], self.u[1:], v[1:], tb[1:]
+        k = x0.shape[0]
+        nxt = self.levels[self.W - 1 - k:self.W - 1].to(self.device, self.dtype)  # (k,) one level lower
+        if self.cfg.renoise == "ode":
+            eps = eps_from_v(self.x, tb, v)                                      # (k, C, h, w) predicted
+        else:
+            eps = self._noise(k, *self._frame_shape)                             # fresh
+        self.x = renoise(x0, nxt[:, None, None, None], eps)                       # (k, C, h, w)
+        return emitted
