@@ -51,7 +51,7 @@ class PlayConfig:
     replay: Optional[str] = None
     target_fps: float = 30.0
     pace: Optional[bool] = None
-    threaded: bool = False
+    threaded: Optional[bool] = None  # None: on for the neural source (the loop never waits on a model)
     queue_size: int = 2
     keymap: str = "conf/keymap/default.yaml"
     window_scale: int = 8
@@ -235,6 +235,8 @@ def run(root: DictConfig) -> dict[str, Any]:
         source = make_source(root.source)
         controller = build_controller(root.controller, keymap, source.schema)
 
+    if cfg.threaded is None:
+        cfg.threaded = source.describe().get("source") == "neural"
     loop_cfg = LoopConfig(target_fps=cfg.target_fps, max_frames=cfg.max_frames, headless=cfg.headless,
                           window_scale=cfg.window_scale, smooth=cfg.smooth, show_hud=cfg.show_hud,
                           pace=cfg.pace, threaded=cfg.threaded, seed=seed, queue_size=cfg.queue_size,

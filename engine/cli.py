@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def one_line(e: BaseException) -> str:
@@ -12,10 +14,15 @@ def one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def fail(e: BaseException, code: int = 2) -> None:
-    """Print ``error: <one line>`` on stderr and exit with ``code``."""
+def report(e: BaseException) -> int:
+    """Print ``error: <one line>`` on stderr; return the exit status for bad input (2)."""
     print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    return 2
+
+
+def fail(e: BaseException) -> None:
+    """``report`` then exit (for hydra mains, which cannot return a status)."""
+    sys.exit(report(e))
 
 
 def run_hydra_main(main: Callable[[], None]) -> None:
@@ -28,3 +35,40 @@ def run_hydra_main(main: Callable[[], None]) -> None:
         main()
     except (HydraException, OmegaConfBaseException) as e:
         fail(e)
+
+
+def parse_kv_args(cls: type[T], argv: list[str], what: str) -> T:
+    """``key=value`` arguments (dotted keys for nested fields) -> a validated ``cls`` dataclass.
+
+    For commands that need no config groups (datagen, bench). Errors name the argument.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from engine.config import ConfigError, to_dataclass
+
+    bad = [a for a in argv if "=" not in a or a.startswith("=")]
+    if bad:
+        raise ConfigError(f"{what} arguments must be key=value, got {bad[0]!r}")
+    try:
+        node = OmegaConf.from_dotlist(argv)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid {what} arguments: {str(e).splitlines()[0]}") from None
+    try:
+        return to_dataclass(cls, node, what)
+    except ConfigError:
+        for arg in argv:  # name the offending argument (omegaconf's first line may not)
+            try:
+                to_dataclass(cls, OmegaConf.from_dotlist([arg]), what)
+            except ConfigError as e:
+                raise ConfigError(f"bad {what} argument {arg!r}: {e}") from None
+        raise
+
+
+def check_ranges(cfg: object, what: str, checks: dict[str, bool]) -> None:
+    """Raise ConfigError naming the first field whose check is False."""
+    from engine.config import ConfigError
+
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"invalid {what} config: {key}={getattr(cfg, key)} is out of range")

@@ -24,10 +24,9 @@ from typing import Any, Optional
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from engine.config import ConfigError, to_dataclass, to_plain  # noqa: E402
+from engine.cli import check_ranges, parse_kv_args, report  # noqa: E402
+from engine.config import to_dataclass, to_plain  # noqa: E402
 from engine.recorder import RecorderConfig  # noqa: E402
 
 
@@ -115,27 +114,10 @@ def _work(job: tuple[str, int, int, dict[str, Any], dict[str, Any], dict[str, An
 
 def parse_args(argv: list[str]) -> DatagenConfig:
     """``key=value`` arguments (dotted keys for classic./explorer.) -> DatagenConfig."""
-    bad = [a for a in argv if "=" not in a or a.startswith("=")]
-    if bad:
-        raise ConfigError(f"datagen arguments must be key=value, got {bad[0]!r}")
-    try:
-        node = OmegaConf.from_dotlist(argv)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid datagen arguments: {str(e).splitlines()[0]}") from None
-    try:
-        cfg = to_dataclass(DatagenConfig, node, "datagen")
-    except ConfigError:
-        for arg in argv:  # name the offending argument (omegaconf's first line may not)
-            try:
-                to_dataclass(DatagenConfig, OmegaConf.from_dotlist([arg]), "datagen")
-            except ConfigError as e:
-                raise ConfigError(f"bad datagen argument {arg!r}: {e}") from None
-        raise
-    for key, ok in (("sessions", cfg.sessions >= 1), ("frames", cfg.frames >= 1),
-                    ("seed0", cfg.seed0 >= 0), ("workers", cfg.workers >= 0),
-                    ("chunk_frames", cfg.chunk_frames >= 1), ("fps", cfg.fps > 0)):
-        if not ok:
-            raise ConfigError(f"invalid datagen config: {key}={getattr(cfg, key)} is out of range")
+    cfg = parse_kv_args(DatagenConfig, argv, "datagen")
+    check_ranges(cfg, "datagen", {"sessions": cfg.sessions >= 1, "frames": cfg.frames >= 1,
+                                  "seed0": cfg.seed0 >= 0, "workers": cfg.workers >= 0,
+                                  "chunk_frames": cfg.chunk_frames >= 1, "fps": cfg.fps > 0})
     return cfg
 
 
@@ -185,8 +167,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         summary = run(parse_args(sys.argv[1:] if argv is None else argv))
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(json.dumps(summary))
     return 0
 

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from engine.actions import ActionSchema, SchemaMismatchError
+from engine.cli import report
 from engine.recorder import FORMAT_NAME, FORMAT_VERSION, META_FILE
 
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
@@ -208,8 +209,9 @@ def export_mp4(session_path: Path | str, out_path: Path | str, fps: float = 30,
 
     Returns the number of frames written.
     """
-    import av
     from fractions import Fraction
+
+    import av
 
     if int(scale) != scale or scale < 1:
         raise ValueError(f"export scale must be a positive integer, got {scale}")
@@ -263,8 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             n = export_mp4(args.session, args.out, fps=args.fps, scale=args.scale)
             print(json.dumps({"out": args.out, "frames": n}))
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -16,6 +16,16 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pytest
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Tests use tiny models on 2 shared cores: more intra-op threads only oversubscribe them."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 from engine.actions import DEFAULT_SCHEMA, Action
 
 

@@ -11,7 +11,6 @@ from world_model.codec import CodecConfig, FrameCodec
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.samplers import SamplerConfig, make_sampler
 
-torch.set_num_threads(1)
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available: graph capture, bf16 and pinned "

@@ -17,7 +17,6 @@ from world_model.dit import ModelConfig, WorldDiT
 from world_model.flops import FrameCost, ForwardTracer, counted_flops, matmul_peak_gflops
 from world_model.samplers import SamplerConfig, make_sampler
 
-torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from threads
 
 VARIANTS = ["rolling", "rolling_nofold", "causal", "causal_nofold", "teacher", "teacher_nofold"]
 SAMPLER_KEYS = {"frames", "fps_pipeline", "fps_generated", "latency_ms", "generated_ms", "stages_ms",

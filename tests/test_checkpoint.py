@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ from world_model.checkpoint import (CheckpointError, load_checkpoint, load_codec
                                     read_config, save_checkpoint, save_state)
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.dit import ModelConfig, WorldDiT
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tests share 2 busy cores: more intra-op threads only oversubscribe them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 CODEC = CodecConfig(resolution=64, latent_channels=4, downsample=8, base_channels=8)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -15,15 +14,6 @@ from engine.session import list_sessions
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.data import (ClipSampler, FrameDataset, FrameSampler, LatentSet, encode_sessions,
                               split_sessions)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tests share 2 busy cores: more intra-op threads only oversubscribe them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 TINY_CODEC = CodecConfig(resolution=64, latent_channels=4, downsample=8, base_channels=8)

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ from world_model.ddp import DistInfo, init_distributed, wrap_model
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.train_codec import Reconstruct
 from world_model.train_teacher import TeacherObjective
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tests share 2 busy cores: more intra-op threads only oversubscribe them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 ROOT = Path(__file__).resolve().parents[1]

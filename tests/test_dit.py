@@ -11,8 +11,6 @@ from world_model.attention import attend, can_use_flash, flash_available
 from world_model.dit import FrameKV, ModelConfig, WorldDiT
 from world_model.rope import apply_rope, rope_angles
 
-torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from threads
-
 
 def tiny_model(depth: int = 2, seed: int = 0, **kw: object) -> WorldDiT:
     """A tiny random model whose adaLN gates and output layer are NOT zero (so outputs mean something)."""

@@ -1,7 +1,7 @@
 """Training rollouts: window tiling, inference equivalence, and where gradients may flow."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -11,14 +11,6 @@ from world_model.rollout import (RolloutConfig, causal_rollout, chosen_ticks, ro
                                  window_frames)
 from world_model.samplers import SamplerConfig, make_sampler
 from world_model.schedule import euler_levels, rolling_levels
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 C, R = 4, 4

@@ -10,7 +10,6 @@ from tests.test_dit import tiny_model
 from world_model.dit import FrameKV, WorldDiT
 from world_model.samplers import CachedHistory, SamplerConfig, StreamSampler, make_sampler
 
-torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from threads
 C, R = 4, 4  # tiny latent (C, R, R)
 
 

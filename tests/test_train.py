@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -25,15 +24,6 @@ from world_model.train_teacher import TeacherStageConfig, TeacherTask, sample_la
 from world_model.trainer import LoopConfig, Trainer
 
 from tests.test_data import TINY_CODEC, write_sessions
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tests share 2 busy cores: more intra-op threads only oversubscribe them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,9 +35,9 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # stdout carries only 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from controllers.base import TickInput  # noqa: E402
+from engine.cli import check_ranges, parse_kv_args, report  # noqa: E402
 from engine.config import ConfigError, to_dataclass, to_plain  # noqa: E402
 from world_model.accel import FrameStager, WindowStep, describe, prepare_for_device  # noqa: E402
 from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
@@ -75,22 +75,13 @@ class BenchConfig:
 
 def parse_args(argv: list[str]) -> BenchConfig:
     """``key=value`` arguments (as engine.datagen) -> validated BenchConfig."""
-    bad = [a for a in argv if "=" not in a or a.startswith("=")]
-    if bad:
-        raise ConfigError(f"bench arguments must be key=value, got {bad[0]!r}")
-    try:
-        node = OmegaConf.from_dotlist(argv)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid bench arguments: {str(e).splitlines()[0]}") from None
-    cfg = to_dataclass(BenchConfig, node, "bench")
+    cfg = parse_kv_args(BenchConfig, argv, "bench")
     unknown = [s for s in cfg.samplers if s not in SAMPLERS]
     if unknown or not cfg.samplers:
         raise ConfigError(f"invalid bench config: samplers {unknown}; choose from {sorted(SAMPLERS)}")
-    for key, ok in (("frames", cfg.frames >= 1), ("warmup", cfg.warmup >= 0), ("threads", cfg.threads >= 0),
-                    ("teacher_frames", cfg.teacher_frames >= 0), ("scaling_frames", cfg.scaling_frames >= 1),
-                    ("device", cfg.device in ("cpu", "cuda", "auto"))):
-        if not ok:
-            raise ConfigError(f"invalid bench config: {key}={getattr(cfg, key)} is out of range")
+    check_ranges(cfg, "bench", {"frames": cfg.frames >= 1, "warmup": cfg.warmup >= 0, "threads": cfg.threads >= 0,
+                                "teacher_frames": cfg.teacher_frames >= 0, "scaling_frames": cfg.scaling_frames >= 1,
+                                "device": cfg.device in ("cpu", "cuda", "auto")})
     to_dataclass(SamplerConfig, cfg.sampler, "bench sampler").validate()
     return cfg
 
@@ -577,8 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(cfg.out, "a", encoding="utf-8") as f:
                 f.write(markdown(result))
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(json.dumps(result))
     return 0
 

@@ -26,6 +26,7 @@ from engine.actions import DEFAULT_SCHEMA, Action, ActionSchema
 from engine.classic_game import ClassicConfig, ClassicGame
 from engine.config import ConfigError, to_dataclass, to_plain
 from engine.source import Sensors
+from world_model.accel import FrameStager, WindowStep, prepare_for_device
 from world_model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from world_model.samplers import SamplerConfig, make_sampler
 
@@ -40,6 +41,7 @@ class NeuralConfig:
     context_frames: int = 0            # real frames that start a stream; 0 = sink + cache frames
     shadow: bool = True                # step a classic game alongside (sensors, ground truth)
     threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
+    accel: str = "auto"                # world_model.accel.WindowStep mode (CUDA graphs on CUDA; eager on CPU)
 
 
 def _device(name: str) -> torch.device:
@@ -73,11 +75,12 @@ class NeuralWorld:
         self.device = _device(cfg.device)
         path = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
         self.ckpt = checkpoint or load_checkpoint(path, schema)
-        self.codec = self.ckpt.codec.to(self.device).eval()
-        self.dit = self.ckpt.dit.to(self.device).eval()
+        # bf16 + CUDA graphs + pinned upload on CUDA; fp32 eager on CPU (bf16 is slower there)
+        self.dit, self.codec, self.dtype = prepare_for_device(self.ckpt.dit, self.ckpt.codec, self.device)
         h, w = (int(v) for v in self.ckpt.config["resolution"])
         self.resolution = (h, w)
-        self.sampler = make_sampler(self.dit, cfg.sampler)
+        self.sampler = make_sampler(WindowStep(self.dit, cfg.accel), cfg.sampler)
+        self.stager = FrameStager(self.codec)
         s = cfg.sampler
         self.context_frames = cfg.context_frames or (s.sink_frames + s.cache_frames)
         if self.context_frames < s.sink_frames:
@@ -96,7 +99,8 @@ class NeuralWorld:
         for _ in range(self.context_frames - 1):
             frames.append(self.shadow.step(noop))
         ctx = np.stack(frames)                                                  # (F0, H, W, 3) uint8
-        z = self.codec.encode(self.codec.frames_to_tensor(ctx).to(self.device))  # (F0, C, h, w)
+        x = self.codec.frames_to_tensor(ctx).to(self.device, self.dtype)        # (F0, 3, H, W)
+        z = self.codec.encode(x)                                                # (F0, C, h, w)
         controls = torch.zeros(len(frames), self.schema.control_dim, device=self.device)  # (F0, 4)
         gen = torch.Generator(device=self.device).manual_seed(self._seed)
         self.sampler.start(z, controls, gen)
@@ -109,8 +113,7 @@ class NeuralWorld:
         if self.cfg.shadow:
             self.shadow.step(action)
         control = torch.from_numpy(action.controls()).to(self.device)          # (4,)
-        z = self.sampler.step(control)                                          # (C, h, w)
-        return self.codec.tensor_to_frames(self.codec.decode(z[None]))[0]      # (H, W, 3) uint8
+        return self.stager(self.sampler.step(control))                         # (H, W, 3) uint8
 
     def describe(self) -> dict[str, Any]:
         return {"source": "neural", "seed": self._seed, "checkpoint": str(self.ckpt.path),

@@ -3,7 +3,7 @@
 Loss: L1 + MSE on pixels plus a small L1 on image gradients (finite differences),
 which keeps wall edges and texture lines sharp where plain L1/MSE blur them.
 Validation: reconstruction PSNR on sessions of held-out maze seeds (this is the
-ceiling of every latent world model; see /work/shared/notes/calibration.md).
+ceiling of every latent world model).
 At export the per-channel mean/std of raw latents over training frames are
 stored in the codec (``set_latent_stats``) so the world model sees ~unit latents.
 The export is a codec-only checkpoint (``model`` null) that stage=teacher reads.

@@ -1,0 +1,189 @@
+"""python -m world_model.evaluate: probes, key-press latency, and a quick end-to-end run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from engine.actions import DEFAULT_SCHEMA, Action
+from engine.classic_game import ClassicConfig, ClassicGame
+from engine.config import ConfigError
+from world_model.checkpoint import load_checkpoint, save_checkpoint
+from world_model.codec import CodecConfig, FrameCodec
+from world_model.dit import ModelConfig, WorldDiT
+from world_model.eval_probes import ProbeConfig, action_class, effective_pairs, train_probes
+from world_model.eval_streams import measure_latency
+from world_model.evaluate import evaluate, load_config
+from world_model.neural_world import NeuralConfig, NeuralWorld
+from world_model.samplers import SamplerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init codec + WorldDiT (gates woken up so actions change the output)."""
+    torch.manual_seed(0)
+    codec = FrameCodec(CodecConfig(resolution=64, latent_channels=4, downsample=8, base_channels=8)).eval()
+    dit = WorldDiT(ModelConfig(latent_channels=4, latent_res=8, patch=2, d_model=32, depth=1, heads=2)).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    save_checkpoint(path, codec, dit, DEFAULT_SCHEMA, (64, 64))
+    return path
+
+
+# ---------------------------------------------------------------------------- probes
+@pytest.mark.slow  # ~100 s idle: trains both probes to a meaningful accuracy
+def test_probes_beat_chance_on_real_frames_and_are_cached(tmp_path: Path) -> None:
+    cfg = ProbeConfig(train_seeds=10, frames_per_seed=150, theme_steps=100, idm_steps=600, width=16,
+                      feature_dim=16, batch=32, pool=2)
+    probes = train_probes(cfg, ClassicConfig(), tmp_path)
+    assert not probes.info["cached"] and (tmp_path / "probes.safetensors").is_file()
+    # held-out worlds (never trained on): every theme once, frames far from the start
+    game = ClassicGame()
+    frames, themes, prev, cur, labels = [], [], [], [], []
+    for seed in range(100000, 100005):
+        f = game.reset(seed)
+        for name, steps in (("turn_left", 5), ("turn_right", 5), ("", 5), ("forward", 5)):
+            for _ in range(steps):
+                g = game.step(Action.make([name] if name else []))
+                prev.append(f), cur.append(g), labels.append(action_class(Action.make([name] if name else [])
+                                                                          .controls()))
+                frames.append(g), themes.append(game.theme_index)
+                f = g
+    frames, prev, cur, labels = np.stack(frames), np.stack(prev), np.stack(cur), np.asarray(labels)
+    theme_acc = float(np.mean(probes.theme_of(frames) == np.asarray(themes)))
+    assert theme_acc > 0.6, theme_acc                                   # chance: 0.2
+    keep = effective_pairs(prev, cur, labels)
+    pred, y = probes.action_of(prev[keep], cur[keep]), labels[keep]
+    balanced = np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)])
+    assert len(np.unique(y)) == 4 and balanced > 0.3, balanced            # chance: 1/7 (1/4 if it knew the 4)
+    # a second call with the same config loads the cache and predicts identically
+    again = train_probes(cfg, ClassicConfig(), tmp_path)
+    assert again.info["cached"]
+    np.testing.assert_array_equal(again.action_of(prev, cur), probes.action_of(prev, cur))
+    np.testing.assert_allclose(again.features(frames[:8]), probes.features(frames[:8]))
+    np.testing.assert_allclose(again.quality_ref, probes.quality_ref)
+
+
+def test_probe_config_refuses_non_training_seeds() -> None:
+    with pytest.raises(ValueError, match="training worlds"):
+        train_probes(ProbeConfig(train_seeds=500), ClassicConfig())
+
+
+# ---------------------------------------------------------------------------- latency
+class LaggedSource:
+    """A fake FrameSource whose frames show each action ``lag`` steps after it was given."""
+
+    def __init__(self, lag: int, respond: bool = True) -> None:
+        self.schema, self.resolution = DEFAULT_SCHEMA, (8, 8)
+        self.lag, self.respond = lag, respond
+
+    def reset(self, seed: int) -> np.ndarray:
+        self.angle, self.seed = 0, seed
+        self.queue: deque[Action] = deque([DEFAULT_SCHEMA.noop()] * self.lag)
+        return self.render()
+
+    def step(self, action: Action) -> np.ndarray:
+        self.queue.append(action)
+        shown = self.queue.popleft()
+        self.angle += int(round(8 * shown.controls()[2])) if self.respond else 0
+        return self.render()
+
+    def render(self) -> np.ndarray:
+        img = np.zeros((8, 8, 3), np.uint8)
+        img[..., 0] = (np.arange(8) * 20 + self.angle * 10) % 256
+        img[..., 1] = self.seed % 256
+        return img
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "lagged"}
+
+    def sensors(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_latency_finds_injected_lag(lag: int) -> None:
+    r = measure_latency(LaggedSource(lag), [1, 2, 3], press_tick=4, key="turn_right", horizon=8, threshold=1.0)
+    assert r["per_seed"] == [lag] * 3 and r["mean_frames"] == lag and r["detected"] == 3
+    assert r["nondeterministic_seeds"] == []
+
+
+def test_latency_reports_a_key_that_never_shows() -> None:
+    r = measure_latency(LaggedSource(0, respond=False), [1], press_tick=2, key="turn_right", horizon=5,
+                        threshold=1.0)
+    assert r["per_seed"] == [None] and r["mean_frames"] is None and r["detected"] == 0
+
+
+def test_classic_game_and_neural_world_latency(tiny_ckpt: Path) -> None:
+    assert measure_latency(ClassicGame(), [100000], 3, "turn_right", 4, 2.0)["per_seed"] == [0]
+    ckpt = load_checkpoint(tiny_ckpt, DEFAULT_SCHEMA)
+    world = NeuralWorld(NeuralConfig(sampler=SamplerConfig(name="rolling", steps=3), device="cpu"),
+                        DEFAULT_SCHEMA, checkpoint=ckpt)
+    # same seed -> same generator: identical until the press; late binding shows it in the same step
+    r = measure_latency(world, [100000, 100001], 3, "turn_right", 3, threshold=0.0)
+    assert r["nondeterministic_seeds"] == [] and r["per_seed"] == [0, 0]
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from engine.datagen import record_explorer_session
+
+    record_explorer_session(tmp_path / "heldout", 100000, 40)   # 100001 is not recorded: regenerated
+    out = tmp_path / "eval"
+    cfg = load_config([f"checkpoint={tiny_ckpt}", f"out={out}", f"heldout={tmp_path / 'heldout'}",
+                       "seeds=[100000,100001]", "quick=true", "threads=1", "latency.horizon=5",
+                       "stream_minutes.teacher=0.02", "sampler.steps=3"])
+    # quick fills what the command line left open; the command line wins, also inside a quick key
+    assert cfg.minutes == 0.025 and cfg.latency.horizon == 5 and cfg.stream_minutes["teacher"] == 0.02
+    report = evaluate(cfg)
+    saved = json.loads((out / "eval.json").read_text())
+    for key in ("codec", "teacher_forced", "rollout", "probes", "drift", "theme_retention",
+                "action_faithfulness", "latency", "timing_seconds", "samplers"):
+        assert key in saved, key
+    names = ["rolling", "rolling_nosink", "rolling_nolate", "causal", "teacher"]
+    assert saved["recorded_seeds"] == [100000] and saved["seeds"] == [100000, 100001]
+    assert saved["recorded_with_other_game_config"] == []
+    assert saved["samplers"]["rolling_nosink"]["sink_frames"] == 0
+    assert saved["samplers"]["rolling_nolate"]["late_binding"] is False
+    assert saved["samplers"]["teacher"]["teacher_steps"] == 4 and saved["samplers"]["rolling"]["steps"] == 3
+    assert saved["samplers"]["causal"]["sink_frames"] == 1                # null overrides keep the defaults
+    assert saved["drift"]["configs"]["teacher"]["frames_per_stream"] == 36
+    tf = saved["teacher_forced"]
+    assert set(tf["configs"]) == set(names) and tf["positions"] == 4 and tf["copy_last"]["psnr"] > 15
+    assert set(saved["rollout"]["configs"]["causal"]["psnr"]) == {"1", "4", "8"}
+    drift = saved["drift"]["configs"]["rolling"]
+    assert len(drift["quality"]) == 3 and len(drift["fd"]) == 3 and drift["frames_per_stream"] == 45
+    assert drift["delta_drift"] == pytest.approx(abs(drift["quality"][0] - drift["quality"][-1]))
+    assert all(0.0 <= v <= 1.0 for v in saved["theme_retention"]["configs"]["teacher"]["per_bin"])
+    assert saved["action_faithfulness"]["configs"]["causal"]["pairs"] > 0
+    assert 0.0 <= saved["probes"]["theme_acc_heldout"] <= 1.0 and saved["probes"]["idm_pairs_heldout"] > 0
+    assert saved["latency"]["classic"]["per_seed"] == [0, 0]
+    assert set(saved["latency"]["configs"]) == set(names)
+    md = (out / "eval.md").read_text()
+    assert "## Teacher-forced next frame" in md and "| copy-last |" in md and "ΔDrift" in md
+    assert len(report["plots"]) == 4 and all(Path(p).stat().st_size > 1000 for p in report["plots"])
+
+
+def test_bad_input_is_one_line_error(tiny_ckpt: Path, tmp_path: Path) -> None:
+    base = [f"checkpoint={tiny_ckpt}", f"out={tmp_path}", "heldout=null", "quick=true"]
+    with pytest.raises(ConfigError, match="unknown evaluation config 'nope'"):
+        load_config(base + ["configs=[rolling,nope]"])
+    with pytest.raises(ConfigError, match="below heldout_seed0"):
+        evaluate(load_config(base + ["seeds=[5]"]))
+    with pytest.raises(ConfigError, match="no such directory"):
+        evaluate(load_config(base + [f"heldout={tmp_path / 'missing'}"]))
+    proc = subprocess.run([sys.executable, "-m", "world_model.evaluate", f"checkpoint={tmp_path / 'none'}",
+                           f"out={tmp_path}", "heldout=null", "quick=true"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1

@@ -1,0 +1,60 @@
+"""The from-zero pipeline: its command plan (fast) and the whole tiny chain (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError
+from world_model.checkpoint import load_checkpoint
+from engine.actions import DEFAULT_SCHEMA
+from world_model.pipeline import ORDER, load_config, stage_commands
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plan_chains_each_stage_into_the_next(tmp_path: Path) -> None:
+    cfg = load_config([f"out={tmp_path}", "preset=tiny", "stages.codec.max_steps=7"])
+    cmds = {k: " ".join(v) for k, v in stage_commands(cfg).items()}
+    assert set(cmds) == set(ORDER) - {"export"}
+    assert f"out={tmp_path / 'codec'}" in cmds["codec"] and "max_steps=7" in cmds["codec"]
+    assert f"codec={tmp_path / 'codec' / 'checkpoint'}" in cmds["teacher"]
+    assert f"teacher={tmp_path / 'teacher' / 'checkpoint'}" in cmds["distill"]
+    assert f"checkpoint={tmp_path / 'distill' / 'checkpoint'}" in cmds["evaluate"]
+    # held-out worlds never overlap the training seeds
+    assert "seed0=0" in cmds["data_train"] and f"seed0={cfg.heldout_seed0}" in cmds["data_heldout"]
+    assert cfg.train_sessions < cfg.heldout_seed0
+
+
+@pytest.mark.parametrize("arg, needle", [("preset=nope", "unknown pipeline preset"),
+                                         ("stages.bogus.x=1", "unknown stage 'bogus'"),
+                                         ("frames=abc", "frames")])
+def test_bad_config_is_one_line(tmp_path: Path, arg: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config([f"out={tmp_path}", arg])
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -> None:
+    env = {**os.environ, "SDL_AUDIODRIVER": "dummy", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "world_model.pipeline", f"out={tmp_path}", "preset=tiny"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(summary["minutes"]) == set(ORDER)
+    ckpt = load_checkpoint(summary["checkpoint"], DEFAULT_SCHEMA)
+    assert ckpt.dit is not None and (Path(summary["checkpoint"]) / "MODEL_CARD.md").is_file()
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    # a second run finds every stage done and does nothing
+    r2 = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0 and "pipeline:" not in r2.stderr
+    # the exported checkpoint plays
+    play = subprocess.run([sys.executable, "play.py", "source=neural", f"checkpoint={summary['checkpoint']}",
+                           "headless=true", "max_frames=5", "controller=explorer"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert play.returncode == 0, play.stderr[-2000:]
+    assert json.loads(play.stdout.strip().splitlines()[-1])["frames"] == 5

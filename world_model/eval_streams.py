@@ -1,0 +1,276 @@
+"""Streams of the evaluation: dreaming from real context, long drift streams, key-press latency.
+
+* ``dream_from_context``: give a sampler real latents as context and let it
+  dream ``horizon`` frames under given controls (teacher-forced next frame =
+  horizon 1; rollouts = longer horizons).
+* ``run_drift_stream``: one long stream of a NeuralWorld driven by the
+  ExplorerController (which reads the *shadow* classic game's sensors, so it
+  wanders the real maze whatever the model dreams). Every frame is judged
+  with the probes beside the shadow game's ground truth, in bins of
+  ``bin_frames`` frames (a "minute"); ``summarize_drift`` pools bins over seeds.
+* ``measure_latency``: two streams from the same seed (and so the same
+  generator seed), identical except that one holds a key from ``press_tick``
+  on; latency = frames from the press to the first frame that differs by more
+  than ``threshold`` (mean |pixel difference|, 0..255). 0 = the frame produced
+  by the press's own step already shows it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+
+from controllers.base import TickInput
+from controllers.explorer import ExplorerController
+from engine.actions import Action
+from engine.source import FrameSource
+from world_model.eval_metrics import frechet_distance, mean_finite, psnr, quality_score, ssim
+from world_model.eval_probes import ACTION_CLASSES, Probes, action_class, effective_pairs, explorer_for
+from world_model.samplers import StreamSampler
+
+
+# ---------------------------------------------------------------------------- from real context
+@torch.no_grad()
+def dream_from_context(sampler: StreamSampler, latents: torch.Tensor, controls: torch.Tensor, start: int,
+                       n_ctx: int, horizon: int, generator: torch.Generator) -> torch.Tensor:
+    """Latents (horizon, C, h, w) of frames start..start+horizon-1 dreamed from real context.
+
+    ``latents`` (T, C, h, w) / ``controls`` (T, 4) are a real session's (row i: frame i and the
+    action that produced it). Context = frames start-n_ctx..start-1 with their controls; frame
+    start+k is dreamed under the recorded control of that frame.
+    """
+    if start < n_ctx or start + horizon > latents.shape[0]:
+        raise ValueError(f"dream_from_context: start {start} needs {n_ctx} context frames before and "
+                         f"{horizon} after it in a {latents.shape[0]}-frame session")
+    sampler.start(latents[start - n_ctx:start], controls[start - n_ctx:start], generator)
+    return torch.stack([sampler.step(controls[start + k]) for k in range(horizon)])
+
+
+@torch.no_grad()
+def decode_frames(codec: torch.nn.Module, z: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """Normalised latents (N, C, h, w) -> uint8 frames (N, H, W, 3)."""
+    return np.concatenate([codec.tensor_to_frames(codec.decode(z[i:i + chunk]))
+                           for i in range(0, z.shape[0], chunk)])
+
+
+@dataclass
+class Session:
+    """A real held-out session, prepared once for every config."""
+    seed: int
+    theme: int
+    frames: np.ndarray      # (T, H, W, 3) uint8
+    controls: np.ndarray    # (T, 4) float32 (row i: the action that produced frame i)
+    latents: torch.Tensor   # (T, C, h, w) normalised codec latents
+    recon: np.ndarray       # (T, H, W, 3) uint8 codec round trip
+    recorded: bool          # False: regenerated with the classic game
+
+
+def _positions(lo: int, hi: int, n: int) -> list[int]:
+    """Up to n evenly spaced ints in [lo, hi]."""
+    if hi < lo or n < 1:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(lo, hi, n)})
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean())}
+
+
+def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
+                         horizons: list[int], tf_positions: int, rollout_positions: int,
+                         seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(teacher-forced next frame, rollout) sections: each config vs copy-last and the codec ceiling.
+
+    Every config sees the same positions (room for the longest context) and the same
+    generator seed per position. Context length = the config's sink + cache frames.
+    """
+    n_ctx = max(s.cfg.sink_frames + s.cfg.cache_frames for s in samplers.values())
+    hmax = max(horizons)
+    tf_idx = [(s, p) for s in sessions for p in _positions(n_ctx, len(s.frames) - 1, tf_positions)]
+    ro_idx = [(s, p) for s in sessions for p in _positions(n_ctx, len(s.frames) - hmax, rollout_positions)]
+    at = lambda idx, arr, k: np.stack([getattr(s, arr)[p + k] for s, p in idx])  # frames p+k of each start
+    gen_of = lambda s, p: torch.Generator().manual_seed(seed * 1_000_003 + s.seed * 1009 + p)
+    if not tf_idx:
+        raise ValueError(f"held-out sessions are too short: teacher-forcing needs more than {n_ctx} frames")
+    real = at(tf_idx, "frames", 0)
+    tf: dict[str, Any] = {"positions": len(tf_idx), "copy_last": _pair(at(tf_idx, "frames", -1), real),
+                          "codec_ceiling": _pair(at(tf_idx, "recon", 0), real), "configs": {}}
+    ro: dict[str, Any] = {"horizons": list(horizons), "positions": len(ro_idx), "configs": {},
+                          "copy_last": {}, "codec_ceiling": {}}
+    for h in horizons if ro_idx else []:
+        truth = at(ro_idx, "frames", h - 1)
+        ro["copy_last"][h] = float(psnr(at(ro_idx, "frames", -1), truth).mean())
+        ro["codec_ceiling"][h] = float(psnr(at(ro_idx, "recon", h - 1), truth).mean())
+    ctrl = {s.seed: torch.from_numpy(s.controls) for s in sessions}
+    for name, sampler in samplers.items():
+        k = sampler.cfg.sink_frames + sampler.cfg.cache_frames
+        t0 = time.perf_counter()
+        z = torch.cat([dream_from_context(sampler, s.latents, ctrl[s.seed], p, k, 1, gen_of(s, p)) for s, p in tf_idx])
+        gen = decode_frames(codec, z)
+        tf["configs"][name] = {**_pair(gen, real), "seconds": time.perf_counter() - t0,
+                               "gain_over_copy_last_db": float(psnr(gen, real).mean()) - tf["copy_last"]["psnr"]}
+        if ro_idx:
+            t0 = time.perf_counter()
+            gens = [decode_frames(codec, dream_from_context(sampler, s.latents, ctrl[s.seed], p, k, hmax, gen_of(s, p)))
+                    for s, p in ro_idx]                                          # each (hmax, H, W, 3)
+            ro["configs"][name] = {"seconds": time.perf_counter() - t0, "psnr": {
+                h: float(psnr(np.stack([g[h - 1] for g in gens]), at(ro_idx, "frames", h - 1)).mean())
+                for h in horizons}}
+    return tf, ro
+
+
+# ---------------------------------------------------------------------------- long drift streams
+class ShadowedSource(FrameSource, Protocol):
+    """A FrameSource with a shadow classic game (world_model.neural_world.NeuralWorld)."""
+
+    def ground_truth(self) -> np.ndarray: ...
+
+
+@dataclass
+class BinStats:
+    """Raw per-frame judgements of one bin of one stream."""
+    quality_gen: np.ndarray    # (n,) quality score of dreamed frames
+    quality_real: np.ndarray   # (n,) of the shadow game's frames
+    feat_gen: np.ndarray       # (n, D) float32 theme-net features
+    feat_real: np.ndarray      # (n, D)
+    theme_gen: np.ndarray      # (n,) bool: classified as the world's theme
+    theme_real: np.ndarray     # (n,) bool
+    psnr: np.ndarray           # (n,) dreamed vs shadow frame
+    action: np.ndarray         # (m,) commanded action class of effective pairs
+    idm_gen: np.ndarray        # (m,) IDM on dreamed pairs
+    idm_real: np.ndarray       # (m,) IDM on shadow pairs
+
+
+@dataclass
+class StreamRecord:
+    seed: int
+    bins: list[BinStats] = field(default_factory=list)
+    model_seconds: float = 0.0  # time inside source.step (sampler + decode + shadow game)
+    frames: int = 0
+
+
+def _judge(gen: np.ndarray, real: np.ndarray, prev_gen: np.ndarray, prev_real: np.ndarray,
+           controls: np.ndarray, theme: int, probes: Probes) -> BinStats:
+    cls = action_class(controls)                                                # (n,)
+    keep = effective_pairs(prev_real, real, cls)                                # judged on the real pair
+    feat_gen, theme_gen = probes.features_and_theme(gen)
+    feat_real, theme_real = probes.features_and_theme(real)
+    return BinStats(
+        quality_gen=quality_score(gen, probes.quality_ref), quality_real=quality_score(real, probes.quality_ref),
+        feat_gen=feat_gen.astype(np.float32), feat_real=feat_real.astype(np.float32),
+        theme_gen=theme_gen == theme, theme_real=theme_real == theme,
+        psnr=psnr(gen, real), action=cls[keep],
+        idm_gen=probes.action_of(prev_gen[keep], gen[keep]), idm_real=probes.action_of(prev_real[keep], real[keep]))
+
+
+def run_drift_stream(source: ShadowedSource, probes: Probes, seed: int, n_frames: int, bin_frames: int,
+                     theme: int) -> StreamRecord:
+    """Stream ``n_frames`` frames of world ``seed`` under explorer actions; judge them per bin."""
+    shadow = getattr(source, "shadow", None)
+    classic = getattr(shadow, "cfg", None)
+    ctrl = ExplorerController(explorer_for(classic) if classic is not None else None, source.schema)
+    ctrl.reset(seed)
+    rec = StreamRecord(seed)
+    last_gen = source.reset(seed)
+    last_real = source.ground_truth()
+    h, w = source.resolution
+    i = 0
+    while i < n_frames:
+        n = min(bin_frames, n_frames - i)
+        gen = np.empty((n, h, w, 3), np.uint8)                                   # (n, H, W, 3)
+        real = np.empty_like(gen)
+        controls = np.empty((n, 4), np.float32)
+        t0 = time.perf_counter()
+        for k in range(n):
+            a = ctrl.act(TickInput(sensors=source.sensors(), tick=i + k))
+            gen[k] = source.step(a)
+            real[k] = source.ground_truth()
+            controls[k] = a.controls()
+        rec.model_seconds += time.perf_counter() - t0
+        prev_gen = np.concatenate([last_gen[None], gen[:-1]])
+        prev_real = np.concatenate([last_real[None], real[:-1]])
+        rec.bins.append(_judge(gen, real, prev_gen, prev_real, controls, theme, probes))
+        last_gen, last_real = gen[-1], real[-1]
+        i += n
+    rec.frames = n_frames
+    return rec
+
+
+def _accuracy(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """(accuracy, balanced accuracy = mean recall over the classes present)."""
+    if target.size == 0:
+        return float("nan"), float("nan")
+    recalls = [float(np.mean(pred[target == c] == c)) for c in np.unique(target)]
+    return float(np.mean(pred == target)), float(np.mean(recalls))
+
+
+def summarize_drift(records: list[StreamRecord], ref_features: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Pool bin b of every stream; per-bin curves, ΔDrift, theme retention, action faithfulness.
+
+    ``ref_features`` (N, D): features of other real frames of the same worlds; the Fréchet
+    distance between them and each bin's shadow frames is the sampling floor of the FD.
+    """
+    n_bins = min(len(r.bins) for r in records)
+    cat = lambda name, b: np.concatenate([getattr(r.bins[b], name) for r in records])
+    out: dict[str, Any] = {k: [] for k in ("quality", "quality_real", "fd", "fd_floor", "theme_retention",
+                                           "theme_retention_real", "psnr_vs_truth", "idm_acc")}
+    for b in range(n_bins):
+        out["quality"].append(float(cat("quality_gen", b).mean()))
+        out["quality_real"].append(float(cat("quality_real", b).mean()))
+        fg, fr = cat("feat_gen", b), cat("feat_real", b)
+        out["fd"].append(frechet_distance(fg, fr) if len(fg) > 1 else float("nan"))
+        ok_floor = ref_features is not None and len(ref_features) > 1 and len(fr) > 1
+        out["fd_floor"].append(frechet_distance(fr, ref_features) if ok_floor else float("nan"))
+        out["theme_retention"].append(float(cat("theme_gen", b).mean()))
+        out["theme_retention_real"].append(float(cat("theme_real", b).mean()))
+        out["psnr_vs_truth"].append(mean_finite(cat("psnr", b)))
+        out["idm_acc"].append(_accuracy(cat("idm_gen", b), cat("action", b))[0])
+    q0, q1 = out["quality"][0], out["quality"][-1]
+    out["delta_drift"] = abs(q0 - q1)
+    out["delta_drift_pct"] = 100.0 * abs(q0 - q1) / q0 if q0 > 0 else float("nan")
+    r0, r1 = out["quality_real"][0], out["quality_real"][-1]
+    out["delta_drift_real"] = abs(r0 - r1)   # what the same trajectory's real frames drift: the floor
+    action = np.concatenate([r.bins[b].action for r in records for b in range(n_bins)])
+    gen = np.concatenate([r.bins[b].idm_gen for r in records for b in range(n_bins)])
+    real = np.concatenate([r.bins[b].idm_real for r in records for b in range(n_bins)])
+    acc_g, bal_g = _accuracy(gen, action)
+    acc_r, bal_r = _accuracy(real, action)
+    out["action"] = {"pairs": int(action.size), "acc": acc_g, "balanced_acc": bal_g, "real_acc": acc_r,
+                     "real_balanced_acc": bal_r, "ratio": acc_g / acc_r if acc_r > 0 else float("nan"),
+                     "balanced_ratio": bal_g / bal_r if bal_r > 0 else float("nan"),
+                     "class_counts": {c: int(np.sum(action == i)) for i, c in enumerate(ACTION_CLASSES)}}
+    frames = sum(r.frames for r in records)
+    out["ms_per_frame"] = 1000.0 * sum(r.model_seconds for r in records) / max(1, frames)
+    out["streams"], out["frames_per_stream"] = len(records), records[0].frames
+    return out
+
+
+# ---------------------------------------------------------------------------- key-press latency
+def measure_latency(source: FrameSource, seeds: list[int], press_tick: int, key: str, horizon: int,
+                    threshold: float) -> dict[str, Any]:
+    """Key-press latency (frames) of ``source``, per seed and averaged over seeds where it showed."""
+    if press_tick < 0 or horizon < 1:
+        raise ValueError(f"latency: press_tick must be >= 0 and horizon >= 1, got {press_tick}, {horizon}")
+    press = Action.make([key], source.schema)
+    noop = source.schema.noop()
+    per_seed: list[Optional[int]] = []
+    early: list[int] = []
+    for seed in seeds:
+        streams = []
+        for pressed in (False, True):
+            source.reset(seed)
+            streams.append(np.stack([source.step(press if pressed and t >= press_tick else noop).astype(np.int16)
+                                     for t in range(press_tick + horizon)]))       # (T, H, W, 3)
+        diff = np.abs(streams[0] - streams[1]).mean(axis=(1, 2, 3))              # (T,)
+        if press_tick and diff[:press_tick].max() > threshold:
+            early.append(seed)       # the streams differ before the press: not deterministic
+        shown = np.flatnonzero(diff[press_tick:] > threshold)
+        per_seed.append(int(shown[0]) if shown.size else None)
+    found = [v for v in per_seed if v is not None]
+    return {"key": key, "press_tick": press_tick, "horizon": horizon, "threshold": threshold,
+            "per_seed": per_seed, "detected": len(found), "seeds": len(seeds),
+            "mean_frames": float(np.mean(found)) if found else None,
+            "nondeterministic_seeds": early}

@@ -1,0 +1,179 @@
+"""One resumable pipeline from zero: data -> codec -> teacher -> student -> evaluation -> export.
+
+    python -m world_model.pipeline out=runs/pipeline [preset=tiny|default] [stages.teacher.max_minutes=90 ...]
+
+Each stage is the project's own command run as a subprocess (so a stage can be
+rerun alone, and training keeps its exact resume): ``engine.datagen`` for the
+training and held-out sessions, ``world_model.train stage=codec|teacher|distill``
+and ``world_model.evaluate``. A finished stage leaves ``out/stages/<name>.json``
+(its summary and wall time) and is skipped on the next run; an interrupted one
+is simply run again and resumes from its own state. The last stage copies the
+student checkpoint to ``out/export`` with a model card (``MODEL_CARD.md``).
+
+Presets live in ``conf/pipeline/<preset>.yaml``; ``key=value`` arguments
+override them (dotted keys, e.g. ``stages.codec.max_minutes=5``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from engine.cli import parse_kv_args, report
+from engine.config import ConfigError, to_dataclass
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = ROOT / "conf" / "pipeline"
+ORDER = ("data_train", "data_heldout", "codec", "teacher", "distill", "evaluate", "export")
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/pipeline"
+    preset: str = "default"
+    train_sessions: int = 200
+    heldout_sessions: int = 24
+    frames: int = 600              # frames per recorded session
+    heldout_seed0: int = 100000    # held-out worlds: never used in training
+    workers: int = 0               # datagen processes (0 = all cores)
+    # extra key=value arguments of each stage's command, e.g. {"codec": {"max_minutes": 30}}
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    only: Optional[list[str]] = None   # run just these stages (their inputs must exist)
+
+
+def load_config(argv: list[str]) -> PipelineConfig:
+    """Preset yaml (``preset=`` from argv, default 'default') merged with the argv overrides."""
+    cli = parse_kv_args(PipelineConfig, argv, "pipeline")
+    preset_file = PRESETS / f"{cli.preset}.yaml"
+    if not preset_file.is_file():
+        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ConfigError(f"unknown pipeline preset {cli.preset!r} (known: {', '.join(known)})")
+    merged = OmegaConf.merge(OmegaConf.load(preset_file), OmegaConf.from_dotlist(argv))
+    cfg = to_dataclass(PipelineConfig, merged, "pipeline")
+    unknown = sorted(set(cfg.stages) - set(ORDER)) + sorted(set(cfg.only or []) - set(ORDER))
+    if unknown:
+        raise ConfigError(f"invalid pipeline config: unknown stage {unknown[0]!r} (stages: {', '.join(ORDER)})")
+    return cfg
+
+
+def _args(extra: dict[str, Any]) -> list[str]:
+    """{"max_minutes": 5, "stage": {"batch": 8}} -> ["max_minutes=5", "stage.batch=8"]."""
+    flat: list[str] = []
+    for k, v in extra.items():
+        if isinstance(v, dict):
+            flat += [f"{k}.{a}" for a in _args(v)]
+        elif isinstance(v, list):
+            flat.append(f"{k}=[{','.join(str(x) for x in v)}]")
+        else:
+            flat.append(f"{k}={'null' if v is None else v}")
+    return flat
+
+
+def stage_commands(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """The command line of every stage but ``export`` (python -m ... with its arguments)."""
+    out = Path(cfg.out)
+    py = [sys.executable, "-m"]
+    train_preset = ["preset=tiny"] if cfg.preset == "tiny" else []
+    extra = {k: _args(v) for k, v in cfg.stages.items()}
+    data = ["engine.datagen", f"frames={cfg.frames}", f"workers={cfg.workers}"]
+    return {
+        "data_train": py + data + [f"out={out / 'data' / 'train'}", f"sessions={cfg.train_sessions}",
+                                   "seed0=0"] + extra.get("data_train", []),
+        "data_heldout": py + data + [f"out={out / 'data' / 'heldout'}", f"sessions={cfg.heldout_sessions}",
+                                     f"seed0={cfg.heldout_seed0}"] + extra.get("data_heldout", []),
+        "codec": py + ["world_model.train", "stage=codec", f"data={out / 'data' / 'train'}",
+                       f"out={out / 'codec'}"] + train_preset + extra.get("codec", []),
+        "teacher": py + ["world_model.train", "stage=teacher", f"data={out / 'data' / 'train'}",
+                         f"out={out / 'teacher'}", f"codec={out / 'codec' / 'checkpoint'}"]
+                   + train_preset + extra.get("teacher", []),
+        "distill": py + ["world_model.train", "stage=distill", f"data={out / 'data' / 'train'}",
+                         f"out={out / 'distill'}", f"teacher={out / 'teacher' / 'checkpoint'}"]
+                   + train_preset + extra.get("distill", []),
+        "evaluate": py + ["world_model.evaluate", f"checkpoint={out / 'distill' / 'checkpoint'}",
+                          f"out={out / 'eval'}", f"heldout={out / 'data' / 'heldout'}",
+                          f"heldout_seed0={cfg.heldout_seed0}"] + extra.get("evaluate", []),
+    }
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
+
+
+def model_card(out: Path, done: dict[str, dict[str, Any]]) -> str:
+    """A markdown model card from the stage summaries (data, steps, wall time, metrics)."""
+    lines = ["# Model card", "", "Trained from zero by `python -m world_model.pipeline` on this project's",
+             "classic maze (explorer sessions); evaluated on held-out worlds (seeds never trained on).", "",
+             "| stage | wall minutes | summary |", "|---|---|---|"]
+    for name in ORDER[:-1]:
+        s = done.get(name, {})
+        summ = s.get("summary", {})
+        keep = {k: summ[k] for k in ("sessions", "frames", "steps", "val", "checkpoint_id") if k in summ}
+        lines.append(f"| {name} | {s.get('minutes', 0):.1f} | `{json.dumps(keep, default=str)}` |")
+    eval_md = out / "eval" / "eval.md"
+    if eval_md.is_file():
+        lines += ["", "## Evaluation", "", eval_md.read_text()]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    out = Path(cfg.out)
+    marks = out / "stages"
+    marks.mkdir(parents=True, exist_ok=True)
+    cmds = stage_commands(cfg)
+    done: dict[str, dict[str, Any]] = {}
+    for name in ORDER:
+        mark = marks / f"{name}.json"
+        if mark.is_file():
+            done[name] = json.loads(mark.read_text())
+            continue
+        if cfg.only is not None and name not in cfg.only:
+            continue
+        t0 = time.monotonic()
+        if name == "export":
+            dst = out / "export"
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(out / "distill" / "checkpoint", dst)
+            (dst / "MODEL_CARD.md").write_text(model_card(out, done))
+            summary: dict[str, Any] = {"checkpoint": str(dst)}
+        else:
+            print(f"pipeline: {name}: {' '.join(cmds[name][2:])}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmds[name], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"pipeline stage {name} failed with exit code {proc.returncode} "
+                                   f"(rerun the same command to resume)")
+            summary = _last_json(proc.stdout)
+        done[name] = {"summary": summary, "minutes": (time.monotonic() - t0) / 60.0}
+        tmp = mark.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done[name], indent=2, default=str))
+        tmp.replace(mark)
+    return {"out": str(out), "preset": cfg.preset,
+            "minutes": {k: round(v["minutes"], 2) for k, v in done.items()},
+            "checkpoint": done.get("export", {}).get("summary", {}).get("checkpoint")}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        summary = run(load_config(sys.argv[1:] if argv is None else argv))
+    except (ValueError, RuntimeError, OSError) as e:
+        return report(e)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
