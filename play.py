@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.base import Controller
 from engine.actions import Action, ActionSchema
-from engine.cli import fail, run_hydra_main
+from engine.cli import USER_ERRORS, fail, run_hydra_main
 from engine.clock import RealClock
 from engine.config import ConfigError
 from engine.input import Keymap, load_keymap
@@ -227,10 +227,10 @@ def run(root: DictConfig) -> dict[str, Any]:
             source = make_source(node, str(kind))
         source.schema.check_compatible(reader.schema, f"recording {cfg.replay}")
         controller: Controller = ScriptedController.from_session(cfg.replay, source.schema)
-        if kind == "classic":
-            recorded = reader.frames()
-            expected = len(recorded) if not cfg.max_frames else min(len(recorded), cfg.max_frames + 1)
-            check = ReplayCheck(recorded, expected)
+        # every source is deterministic given its seed: compare the replay frame by frame
+        recorded = reader.frames()
+        expected = len(recorded) if not cfg.max_frames else min(len(recorded), cfg.max_frames + 1)
+        check = ReplayCheck(recorded, expected)
     else:
         source = make_source(root.source)
         controller = build_controller(root.controller, keymap, source.schema)
@@ -268,7 +268,7 @@ def run(root: DictConfig) -> dict[str, Any]:
 def main(root: DictConfig) -> None:
     try:
         out = run(root)
-    except (ValueError, RuntimeError, OSError, pygame.error) as e:
+    except (*USER_ERRORS, pygame.error) as e:
         # SystemExit passes through hydra untouched (it only catches Exception).
         fail(e)
     except KeyboardInterrupt:

@@ -7,6 +7,10 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
+# What bad input raises (ConfigError, CheckpointError, RecordingError, SchemaMismatchError are
+# ValueErrors; a missing display or a dead worker RuntimeError; an unwritable path OSError).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, OSError)
+
 
 def one_line(e: BaseException) -> str:
     """An exception's message folded onto one line (its type name if it has none)."""

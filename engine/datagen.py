@@ -25,7 +25,7 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
-from engine.cli import check_ranges, parse_kv_args, report  # noqa: E402
+from engine.cli import USER_ERRORS, check_ranges, parse_kv_args, report  # noqa: E402
 from engine.config import to_dataclass, to_plain  # noqa: E402
 from engine.recorder import RecorderConfig  # noqa: E402
 
@@ -166,7 +166,7 @@ def run(cfg: DatagenConfig) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         summary = run(parse_args(sys.argv[1:] if argv is None else argv))
-    except (ValueError, RuntimeError, OSError) as e:
+    except USER_ERRORS as e:
         return report(e)
     print(json.dumps(summary))
     return 0

@@ -236,7 +236,10 @@ class GameLoop:
                 all_ms.append(ms)
                 self._times.add(ms, t0)
                 frames += 1
-                if self.cfg.max_frames and frames >= self.cfg.max_frames:
+                # A lockstep (scripted/autonomous) controller's run is counted in produced
+                # frames, so its length does not depend on how fast a threaded source is.
+                done = frames if self.interactive else self.produced
+                if self.cfg.max_frames and done >= self.cfg.max_frames:
                     break
                 if self.paced:
                     pacer.wait()

@@ -4,7 +4,7 @@ Both producers share one interface::
 
     reset(seed) -> frame 0          (synchronous: the loop waits for a new world)
     submit(action)                  the newest action of this tick
-    accepting() -> bool             True if a submitted action would not supersede another
+    accepting() -> bool             True when nothing is in flight (lockstep controllers act only then)
     poll(timeout=0) -> Produced|None next finished frame, with the action that produced it
     finish(timeout) -> [Produced]   wait for in-flight work (end of a replay)
     sensors() -> Sensors | None     sensors of the newest frame handed out
@@ -18,12 +18,16 @@ records ``(produced.frame, produced.action)``, never "the action of this tick".
 Recordings therefore keep the invariant "frame i was produced by action i" and
 replay bit-exactly, whatever the model's speed. Controllers whose every action
 matters (replays, the explorer) are run in lockstep by the loop instead: it
-only asks them for an action when ``accepting()``, so nothing is superseded.
+only asks them for an action when ``accepting()``: no action pending, the worker
+idle and its frame collected. Nothing is superseded, and such a controller always
+acts on the sensors of the newest frame, so a recorded explorer run does not
+depend on the model's speed.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -153,8 +157,8 @@ class ThreadedProducer:
         if self._error is not None:
             # The original exception (and its worker-side traceback): a source's one-line
             # ValueError stays a one-line error in play.py, a bug keeps its traceback.
-            e, self._error = self._error, None
-            raise e
+            # It stays set: the worker is gone, so every later call must fail too.
+            raise self._error
 
     # ------------------------------------------------------------------ loop side
     def reset(self, seed: int) -> np.ndarray:
@@ -182,9 +186,9 @@ class ThreadedProducer:
             self._cond.notify_all()
 
     def accepting(self) -> bool:
-        """True when the worker has taken the last submitted action (it may still be stepping it)."""
+        """True when nothing is in flight: no pending action, the worker idle, every frame collected."""
         with self._cond:
-            return self._pending is None
+            return self._pending is None and not self._busy and self._queue.empty()
 
     def poll(self, timeout: float = 0.0) -> Optional[Produced]:
         """The oldest finished frame; waits up to ``timeout`` s for one (0 = never waits)."""
@@ -203,11 +207,22 @@ class ThreadedProducer:
                 return item
 
     def finish(self, timeout: float = 10.0) -> list[Produced]:
-        """Wait until the submitted action (if any) has been stepped; return what is left."""
-        with self._cond:
-            self._cond.wait_for(lambda: (self._pending is None and not self._busy)
-                                or self._error is not None or self._stop, timeout=timeout)
-        out = []
+        """Wait until the submitted action (if any) has been stepped; return what is left.
+
+        Frames are collected while waiting: a worker blocked on a full queue is never idle.
+        """
+        out: list[Produced] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            while (p := self.poll()) is not None:
+                out.append(p)
+            with self._cond:
+                done = ((self._pending is None and not self._busy and self._queue.empty())
+                        or self._error is not None or self._stop)
+                if not done:
+                    self._cond.wait(timeout=0.05)
+            if done or time.monotonic() > deadline:
+                break
         while (p := self.poll()) is not None:
             out.append(p)
         self._raise_error()

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from engine.actions import ActionSchema, SchemaMismatchError
-from engine.cli import report
+from engine.cli import USER_ERRORS, report
 from engine.recorder import FORMAT_NAME, FORMAT_VERSION, META_FILE
 
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
@@ -264,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             n = export_mp4(args.session, args.out, fps=args.fps, scale=args.scale)
             print(json.dumps({"out": args.out, "frames": n}))
-    except (ValueError, RuntimeError, OSError) as e:
+    except USER_ERRORS as e:
         return report(e)
     return 0
 

@@ -153,17 +153,39 @@ def test_recording_alignment_and_finished_controller() -> None:
 
 
 def test_threaded_slow_source_does_not_block_the_loop() -> None:
-    """A 25 ms source under a 100 fps interactive loop: ticks stay short, frames still arrive."""
-    from engine.clock import RealClock
+    """A source that cannot finish a frame until the loop has ticked 10 times: a loop that
+    waited on it would never reach tick 10 (the gate would time out). No wall-clock bounds."""
+    import threading
+    gate, entered = threading.Event(), threading.Event()
+    timed_out: list[bool] = []
+
+    class Gated(FakeSource):
+        def step(self, action: Action) -> np.ndarray:
+            entered.set()
+            if not gate.is_set():
+                timed_out.append(not gate.wait(timeout=10.0))
+            return super().step(action)
+
+    ticks = [0]
+
+    def events() -> list[Any]:
+        ticks[0] += 1
+        if ticks[0] == 2:
+            assert entered.wait(timeout=10.0)   # the worker is now inside the first step
+        if ticks[0] == 12:                      # ten loop ticks later, let it finish
+            gate.set()
+        return []
+
     recs: list[ListRecorder] = []
-    src = FakeSource(delay=0.025)
+    src = Gated()
     loop = GameLoop(src, Interactive(), LoopConfig(max_frames=40, target_fps=100.0, headless=True,
                                                    pace=True, threaded=True),
-                    RealClock(), NullRenderer(), recorder_factory=lambda s: recs.append(ListRecorder(s)) or recs[-1])
+                    FakeClock(), NullRenderer(), recorder_factory=lambda s: recs.append(ListRecorder(s)) or recs[-1],
+                    event_source=events)
     stats = loop.run()
-    assert stats.frames == 40
-    assert stats.frame_ms_p50 < 10.0                        # a blocking loop would take >= 25 ms
-    assert stats.late_frames >= 15 and 5 <= stats.produced < 40
+    assert timed_out and not any(timed_out)                 # the first frame waited for tick 10
+    assert stats.frames == 40 and stats.late_frames >= 9    # ticks 1..9 showed the old frame
+    assert 1 <= stats.produced <= 40
     rows = recs[0].rows
     assert len(rows) == stats.produced + 1
     # Superseded actions never reached the source, and each frame is recorded with its own action.

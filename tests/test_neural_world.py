@@ -100,15 +100,17 @@ def test_play_cli_records_and_replays_a_neural_session(ckpt: Path, tmp_path: Pat
               "max_frames=12", "controller=explorer", "record=true", f"record_dir={tmp_path}", "seed=9")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["frames"] == 12 and out["source"] == "neural" and out["threaded"] is True
+    assert out["produced"] == 12 and out["source"] == "neural" and out["threaded"] is True
     assert set(out) >= {"fps", "frame_ms_p50", "frame_ms_p95", "session"}
     from engine.session import SessionReader
     rec = SessionReader(out["session"])
+    assert len(rec) == 13                                    # the reset frame + 12 explorer steps
     assert rec.meta["source"] == "neural" and rec.meta["sampler"]["name"] == "causal"
     # replay: the recorded checkpoint, sampler and seed come back from the session's meta
     r2 = _play("headless=true", f"replay={out['session']}")
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert json.loads(r2.stdout.strip().splitlines()[-1])["frames"] == 12
+    replayed = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert replayed["produced"] == 12 and replayed["replay_equal"] is True  # same seed, same dream
 
 
 def test_play_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:

@@ -183,4 +183,3 @@ def test_factory_and_config_errors(model: WorldDiT) -> None:
     s = make_sampler(model, SamplerConfig())
     with pytest.raises(RuntimeError):
         s.step(torch.zeros(4))
-    assert isinstance(FrameKV([], 0).as_past().num_frames, int)

@@ -215,8 +215,8 @@ class FrameStager:
     """Latent (C, h, w) -> decoded uint8 frame (H, W, 3) on the host.
 
     CUDA: decode and quantise on the GPU, then one non-blocking copy into the next
-    of ``ring`` pinned host buffers (a returned array stays valid for ``ring - 1``
-    more frames: size the ring above the producer's queue). CPU: the plain path.
+    of ``ring`` pinned host buffers, copied out (the producer may queue any number
+    of frames, so a returned array never aliases a buffer). CPU: the plain path.
     ``force_ring`` exercises the ring path on CPU (tests).
     """
 
@@ -246,4 +246,4 @@ class FrameStager:
         if self._event is not None:
             self._event.record()
             self._event.synchronize()                 # waits for this copy only, not the whole device
-        return buf.numpy()
+        return buf.numpy().copy()                     # 12 KB: frames may sit in a queue of any length

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from controllers.base import TickInput  # noqa: E402
-from engine.cli import check_ranges, parse_kv_args, report  # noqa: E402
+from engine.cli import USER_ERRORS, check_ranges, parse_kv_args, report  # noqa: E402
 from engine.config import ConfigError, to_dataclass, to_plain  # noqa: E402
 from world_model.accel import FrameStager, WindowStep, describe, prepare_for_device  # noqa: E402
 from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
@@ -567,7 +567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.append:
             with open(cfg.out, "a", encoding="utf-8") as f:
                 f.write(markdown(result))
-    except (ValueError, RuntimeError, OSError) as e:
+    except USER_ERRORS as e:
         return report(e)
     print(json.dumps(result))
     return 0

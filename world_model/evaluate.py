@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.actions import DEFAULT_SCHEMA
 from engine.classic_game import ClassicConfig, ClassicGame
-from engine.cli import fail, run_hydra_main
+from engine.cli import USER_ERRORS, fail, run_hydra_main
 from engine.config import ConfigError, to_dataclass, to_plain
 from engine.session import SessionReader, list_sessions
 from world_model.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -394,7 +394,7 @@ def main(node: DictConfig) -> None:
     try:
         cfg = resolve(node, explicit)
         report = evaluate(cfg)
-    except (ValueError, RuntimeError) as e:  # ConfigError, CheckpointError, RecordingError, ...
+    except USER_ERRORS as e:  # ConfigError, CheckpointError, RecordingError, ...
         fail(e)
     print(json.dumps({"out": cfg.out, "eval_json": str(Path(cfg.out) / "eval.json"),
                       "plots": report["plots"], "seconds": report["timing_seconds"]["total"]}), flush=True)

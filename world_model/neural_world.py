@@ -88,6 +88,7 @@ class NeuralWorld:
                               f"< sink_frames {s.sink_frames}")
         self.shadow = ClassicGame(classic_config_for(self.ckpt), schema)
         self._seed: Optional[int] = None
+        self._truth: Optional[np.ndarray] = None   # the shadow game's newest frame (H, W, 3)
 
     # ------------------------------------------------------------------ FrameSource
     @torch.inference_mode()
@@ -98,6 +99,7 @@ class NeuralWorld:
         frames = [self.shadow.reset(seed)]
         for _ in range(self.context_frames - 1):
             frames.append(self.shadow.step(noop))
+        self._truth = frames[-1]
         ctx = np.stack(frames)                                                  # (F0, H, W, 3) uint8
         x = self.codec.frames_to_tensor(ctx).to(self.device, self.dtype)        # (F0, 3, H, W)
         z = self.codec.encode(x)                                                # (F0, C, h, w)
@@ -111,7 +113,7 @@ class NeuralWorld:
         if self._seed is None:
             raise RuntimeError("NeuralWorld.step called before reset(seed)")
         if self.cfg.shadow:
-            self.shadow.step(action)
+            self._truth = self.shadow.step(action)
         control = torch.from_numpy(action.controls()).to(self.device)          # (4,)
         return self.stager(self.sampler.step(control))                         # (H, W, 3) uint8
 
@@ -125,8 +127,10 @@ class NeuralWorld:
         return self.shadow.sensors() if self.cfg.shadow and self._seed is not None else None
 
     def ground_truth(self) -> np.ndarray:
-        """The shadow classic game's current frame (evaluation)."""
-        return self.shadow.render()
+        """The shadow classic game's frame under the same actions (evaluation); needs shadow=True."""
+        if self._truth is None:
+            raise RuntimeError("NeuralWorld.ground_truth needs reset(seed) first and shadow=True")
+        return self._truth
 
 
 def build_source(node: Any) -> NeuralWorld:
@@ -134,7 +138,5 @@ def build_source(node: Any) -> NeuralWorld:
     cfg = to_dataclass(NeuralConfig, node, "source")
     try:
         return NeuralWorld(cfg)
-    except CheckpointError:
-        raise
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint not found: {e}") from None

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from engine.cli import parse_kv_args, report
+from engine.cli import USER_ERRORS, parse_kv_args, report
 from engine.config import ConfigError, to_dataclass
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +169,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         summary = run(load_config(sys.argv[1:] if argv is None else argv))
-    except (ValueError, RuntimeError, OSError) as e:
+    except USER_ERRORS as e:
         return report(e)
     print(json.dumps(summary), flush=True)
     return 0

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.actions import DEFAULT_SCHEMA
-from engine.cli import fail, run_hydra_main
+from engine.cli import USER_ERRORS, fail, run_hydra_main
 from engine.config import ConfigError, to_dataclass
 from world_model import ddp
 from world_model.ddp import DistInfo
@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
-    except (ValueError, ddp.DistError) as e:  # ConfigError, CheckpointError, RecordingError, ...
+    except USER_ERRORS as e:  # ConfigError, CheckpointError, RecordingError, DistError, ...
         fail(e)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, default=float), flush=True)
