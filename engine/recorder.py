@@ -69,11 +69,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_dir(d: Path) -> None:
-    # Makes the rename itself durable across power loss; a no-op where unsupported.
+def fsync_path(d: Path) -> None:
+    """fsync a file or directory (a directory: makes a rename in it durable); a no-op where unsupported."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -272,7 +272,7 @@ class SessionWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.path)
+        fsync_path(self.path)
         with self._lock:
             self._durable += len(frames)
             self._write_ms.append((time.perf_counter() - t0) * 1000.0)

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.actions import ActionSchema, SchemaMismatchError
 from engine.config import ConfigError, to_dataclass, to_plain
+from engine.recorder import fsync_path
 
 FORMAT = "dreamengine-checkpoint"
 FORMAT_VERSION = 1
@@ -65,19 +66,6 @@ class LoadedCheckpoint:
 
 
 # ---------------------------------------------------------------------------- atomic directories
-def _fsync_path(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # directories cannot be fsynced on every filesystem
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` (old kept until the swap).
@@ -94,8 +82,8 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         for f in tmp.iterdir():
-            _fsync_path(f)
-        _fsync_path(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,7 +91,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from engine.cli import USER_ERRORS, parse_kv_args, report
 from engine.config import ConfigError, to_dataclass
+from engine.recorder import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "conf" / "pipeline"
@@ -158,9 +159,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                                    f"(rerun the same command to resume)")
             summary = _last_json(proc.stdout)
         done[name] = {"summary": summary, "minutes": (time.monotonic() - t0) / 60.0}
-        tmp = mark.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done[name], indent=2, default=str))
-        tmp.replace(mark)
+        atomic_write_bytes(mark, json.dumps(done[name], indent=2, default=str).encode())
     return {"out": str(out), "preset": cfg.preset,
             "minutes": {k: round(v["minutes"], 2) for k, v in done.items()},
             "checkpoint": done.get("export", {}).get("summary", {}).get("checkpoint")}
