@@ -1,9 +1,10 @@
 """Shared command-line plumbing: every entry point reports bad input as one line and exits 2."""
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -22,6 +23,17 @@ def report(e: BaseException) -> int:
     """Print ``error: <one line>`` on stderr; return the exit status for bad input (2)."""
     print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
     return 2
+
+
+def json_main(work: Callable[[list[str]], Any], argv: Optional[list[str]] = None) -> int:
+    """Run ``work(argv)`` for a ``key=value`` command: print its result as one JSON line and
+    return 0, or report bad input as one ``error:`` line and return 2."""
+    try:
+        result = work(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as e:
+        return report(e)
+    print(json.dumps(result), flush=True)
+    return 0
 
 
 def fail(e: BaseException) -> None:

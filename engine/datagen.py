@@ -12,7 +12,6 @@ Prints one JSON summary line (sessions, frames, seconds, frames_per_s, themes).
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -25,7 +24,7 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
-from engine.cli import USER_ERRORS, check_ranges, parse_kv_args, report  # noqa: E402
+from engine.cli import check_ranges, json_main, parse_kv_args  # noqa: E402
 from engine.config import to_dataclass, to_plain  # noqa: E402
 from engine.recorder import RecorderConfig  # noqa: E402
 
@@ -164,12 +163,7 @@ def run(cfg: DatagenConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        summary = run(parse_args(sys.argv[1:] if argv is None else argv))
-    except USER_ERRORS as e:
-        return report(e)
-    print(json.dumps(summary))
-    return 0
+    return json_main(lambda args: run(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

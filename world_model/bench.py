@@ -18,7 +18,6 @@ explains every key.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import resource
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from controllers.base import TickInput  # noqa: E402
-from engine.cli import USER_ERRORS, check_ranges, parse_kv_args, report  # noqa: E402
+from engine.cli import check_ranges, json_main, parse_kv_args  # noqa: E402
 from engine.config import ConfigError, to_dataclass, to_plain  # noqa: E402
 from world_model.accel import FrameStager, WindowStep, describe, prepare_for_device  # noqa: E402
 from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
@@ -557,20 +556,21 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def bench(argv: list[str]) -> dict[str, Any]:
+    """Parse, run every variant (and the sweep), append the markdown table; the JSON result."""
+    cfg = parse_args(argv)
+    result = run(cfg)
+    if cfg.scaling:
+        result["scaling"] = run_scaling(cfg.scaling_frames, min(cfg.warmup, 10), cfg.scaling_model,
+                                        cfg.device, cfg.seed)
+    if cfg.append:
+        with open(cfg.out, "a", encoding="utf-8") as f:
+            f.write(markdown(result))
+    return result
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        result = run(cfg)
-        if cfg.scaling:
-            result["scaling"] = run_scaling(cfg.scaling_frames, min(cfg.warmup, 10), cfg.scaling_model,
-                                            cfg.device, cfg.seed)
-        if cfg.append:
-            with open(cfg.out, "a", encoding="utf-8") as f:
-                f.write(markdown(result))
-    except USER_ERRORS as e:
-        return report(e)
-    print(json.dumps(result))
-    return 0
+    return json_main(bench, argv)
 
 
 if __name__ == "__main__":

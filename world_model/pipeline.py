@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from engine.cli import USER_ERRORS, parse_kv_args, report
+from engine.cli import json_main, parse_kv_args
 from engine.config import ConfigError, to_dataclass
 from engine.recorder import atomic_write_bytes
 
@@ -166,12 +166,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        summary = run(load_config(sys.argv[1:] if argv is None else argv))
-    except USER_ERRORS as e:
-        return report(e)
-    print(json.dumps(summary), flush=True)
-    return 0
+    return json_main(lambda args: run(load_config(args)), argv)
 
 
 if __name__ == "__main__":
