@@ -146,6 +146,7 @@ def test_control_latency_matches_the_sampler(name: str, late: bool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_scaling_sweep_reports_growth_and_dominant_term() -> None:
     sc = bench.run_scaling(frames=1, warmup=1, model="tiny")
     assert set(sc["axes"]) == set(bench.SCALING_AXES)

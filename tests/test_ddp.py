@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from world_model.codec import CodecConfig, FrameCodec
@@ -59,7 +58,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    info = init_distributed("gloo")
+    info = init_distributed("gloo", timeout_minutes=2.0)
     teacher, codec = _models()
     dteacher, dcodec = wrap_model(teacher, info), wrap_model(codec, info)
     half = {k: v[rank * B // 2:(rank + 1) * B // 2] for k, v in _batch().items()}
@@ -75,10 +74,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_workers(out: Path, world: int = 2, timeout: float = 180.0) -> None:
+    """Fresh interpreters, not fork: a forked child of a process whose OpenMP pool has run
+    can deadlock, and a hung rank must fail the test instead of stalling the suite."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("GLOO_SOCKET_IFNAME", None)  # exercise init_distributed's loopback choice
+    procs = [subprocess.Popen([sys.executable, "-c",
+                               f"from tests.test_ddp import _worker; _worker({r}, {world}, {port}, {str(out)!r})"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    errors = []
+    try:
+        for r, p in enumerate(procs):
+            _, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                errors.append(f"rank {r} exited {p.returncode}: {err[-2000:]}")
+    except subprocess.TimeoutExpired:
+        errors.append(f"DDP workers did not finish within {timeout:.0f} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert not errors, "\n".join(errors)
+
+
 def test_ddp_two_gloo_processes_match_single_process_gradients(tmp_path: Path) -> None:
-    # fork: the children reuse the imported modules (spawn would re-import torch twice, ~10 s)
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    _run_workers(tmp_path)
     teacher, codec = _models()
     assert not isinstance(wrap_model(teacher, DistInfo()), torch.nn.parallel.DistributedDataParallel)
     _losses(teacher, codec, _batch(), n_rolling=2).backward()
@@ -95,6 +118,21 @@ def test_ddp_two_gloo_processes_match_single_process_gradients(tmp_path: Path) -
     assert any(not torch.allclose(p, want[k], atol=1e-4) for k, p in _grads(t2, c2).items())
 
 
+def test_gloo_uses_loopback_for_a_loopback_master(monkeypatch: pytest.MonkeyPatch) -> None:
+    from world_model.ddp import _pin_gloo_to_loopback
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    _pin_gloo_to_loopback()
+    assert os.environ["GLOO_SOCKET_IFNAME"] in [n for _, n in socket.if_nameindex()]
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")       # an explicit choice is kept
+    _pin_gloo_to_loopback()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.77")          # a remote master: leave gloo's default
+    _pin_gloo_to_loopback()
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
+
+
 def test_world_size_one_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed() == DistInfo() and DistInfo().is_main and not DistInfo().enabled
@@ -105,6 +143,7 @@ def test_world_size_one_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_torchrun_two_processes_train_and_resume(tmp_path: Path) -> None:
     """The real CLI under torchrun: rank 0 alone writes, both ranks resume."""
     from tests.test_data import write_sessions

@@ -43,6 +43,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---------------------------------------------------------------------------- probes
 @pytest.mark.slow  # ~100 s idle: trains both probes to a meaningful accuracy
+@pytest.mark.timeout(1800)
 def test_probes_beat_chance_on_real_frames_and_are_cached(tmp_path: Path) -> None:
     cfg = ProbeConfig(train_seeds=10, frames_per_seed=150, theme_steps=100, idm_steps=600, width=16,
                       feature_dim=16, batch=32, pool=2)

@@ -39,6 +39,7 @@ def test_bad_config_is_one_line(tmp_path: Path, arg: str, needle: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -> None:
     env = {**os.environ, "SDL_AUDIODRIVER": "dummy", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "world_model.pipeline", f"out={tmp_path}", "preset=tiny"]

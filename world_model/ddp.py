@@ -11,7 +11,9 @@ logs, validates and saves; every rank reads the saved state on resume.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -49,12 +51,35 @@ def init_distributed(backend: str = "gloo", timeout_minutes: float = 30.0) -> Di
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise DistError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
+    if backend == "gloo":
+        _pin_gloo_to_loopback()
     if not dist.is_initialized():
         # Validation on rank 0 can take minutes while other ranks wait in the next all-reduce.
         dist.init_process_group(backend, init_method="env://",
                                 timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _pin_gloo_to_loopback() -> None:
+    """Single-host runs talk over loopback, whatever the host name resolves to.
+
+    Without GLOO_SOCKET_IFNAME, gloo binds to the address its host name resolves
+    to; in sandboxes and containers that address can be one the peers cannot
+    reach, and the ranks then wait for each other forever. When the master is a
+    loopback address every rank is on this host, so the loopback device is right.
+    """
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    try:
+        master = ipaddress.ip_address(socket.gethostbyname(os.environ["MASTER_ADDR"]))
+    except (OSError, ValueError):
+        return
+    if not master.is_loopback:
+        return
+    loopback = [name for _, name in socket.if_nameindex() if name == "lo" or name.startswith("lo")]
+    if loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback[0]
 
 
 def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
