@@ -1,4 +1,5 @@
-"""Play a frame source: ``python play.py source=classic`` (see conf/play.yaml for every key).
+"""Play a frame source: ``python play.py`` dreams the maze with the shipped checkpoint;
+``python play.py source=classic`` plays the hand-written reference game (conf/play.yaml has every key).
 
 Headless runs print one JSON line of statistics on stdout::
 
@@ -180,6 +181,16 @@ def recorder_factory(cfg: PlayConfig, source: FrameSource, controller: Controlle
 
 
 # ---------------------------------------------------------------------- main
+def chosen_source(argv: list[str]) -> str:
+    """The source group a command line selects: its ``source=`` override, else play.yaml's default."""
+    for arg in reversed(argv):                 # hydra: the last override wins
+        if arg.startswith("source="):
+            return arg.split("=", 1)[1]
+    import yaml
+    defaults = yaml.safe_load((ROOT / "conf" / "play.yaml").read_text()).get("defaults", [])
+    return next((d["source"] for d in defaults if isinstance(d, dict) and "source" in d), "classic")
+
+
 def register_defaults() -> None:
     """Expose other components' dataclass defaults as hydra group configs (``*_defaults``).
 
@@ -190,7 +201,7 @@ def register_defaults() -> None:
     cs = ConfigStore.instance()
     wanted = [("source", "classic_defaults", "engine.classic_game", "ClassicConfig"),
               ("controller", "explorer_defaults", "controllers.explorer", "ExplorerConfig")]
-    if "source=neural" in sys.argv[1:]:  # only then: importing it pulls in torch (~seconds)
+    if chosen_source(sys.argv[1:]) == "neural":  # only then: importing it pulls in torch (~seconds)
         wanted.append(("source", "neural_defaults", "world_model.neural_world", "NeuralConfig"))
     else:  # neural.yaml still names it; empty, keys then need '+' on the command line
         cs.store(group="source", name="neural_defaults", node={})
@@ -256,6 +267,10 @@ def run(root: DictConfig) -> dict[str, Any]:
            "frame_ms_p95": round(stats.frame_ms_p95, 3), "late_frames": stats.late_frames,
            "session": stats.session, "source": source.describe().get("source"), "seed": seed,
            "controller": controller.name, "renderer": renderer.name, "threaded": cfg.threaded}
+    desc = source.describe()
+    if desc.get("checkpoint_id") is not None:       # which dream was played
+        out["checkpoint_id"] = desc["checkpoint_id"]
+        out["sampler"] = (desc.get("sampler") or {}).get("name")
     if len(stats.sessions) > 1:
         out["sessions"] = stats.sessions
     if check is not None:

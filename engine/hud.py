@@ -60,6 +60,35 @@ class FrameTimes:
         return (len(self.stamps) - 1) / span if span > 0 else 0.0
 
 
+class DurationQuantiles:
+    """Quantiles of every frame duration of a session in fixed memory (a game can run for hours).
+
+    Durations fall into log-spaced bins 0.5% wide from 1 us to 100 s (~3,700 counters), so a
+    reported quantile is within 0.5% of the exact one, however long the session.
+    """
+
+    LO_MS, HI_MS, STEP = 1e-3, 1e5, 1.005
+
+    def __init__(self) -> None:
+        self._log_step = float(np.log(self.STEP))
+        n = int(np.ceil(np.log(self.HI_MS / self.LO_MS) / self._log_step)) + 1
+        self.counts = np.zeros(n, np.int64)
+        self.n = 0
+
+    def add(self, ms: float) -> None:
+        i = int(np.log(max(ms, self.LO_MS) / self.LO_MS) / self._log_step)
+        self.counts[min(i, self.counts.size - 1)] += 1
+        self.n += 1
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0..1) in ms: geometric centre of the bin holding it; 0 with no data."""
+        if self.n == 0:
+            return 0.0
+        i = int(np.searchsorted(np.cumsum(self.counts), q * self.n, side="left"))
+        i = min(i, self.counts.size - 1)
+        return float(self.LO_MS * self.STEP ** (i + 0.5))
+
+
 class Hud:
     """Turns HudState into a cached RGBA image (rows top-down), re-rendered only when needed."""
 

@@ -25,7 +25,7 @@ from controllers.base import Controller, TickInput
 from engine.actions import Action
 from engine.clock import Clock, Pacer
 from engine.config import ConfigError
-from engine.hud import FrameTimes, Hud, HudConfig, HudState
+from engine.hud import DurationQuantiles, FrameTimes, Hud, HudConfig, HudState
 from engine.input import InputState, Keymap, load_keymap
 from engine.producer import Produced, Producer, SyncProducer, ThreadedProducer
 from engine.renderer import Renderer, save_screenshot
@@ -219,7 +219,7 @@ class GameLoop:
     def run(self) -> LoopStats:
         """Play until max_frames, quit/window close, or the controller is finished."""
         frames = 0
-        all_ms: list[float] = []
+        all_ms = DurationQuantiles()
         pacer = Pacer(self.clock, self.cfg.target_fps)
         ok = False
         try:
@@ -233,7 +233,7 @@ class GameLoop:
                     break
                 t1 = self.clock.now()
                 ms = (t1 - t0) * 1000.0
-                all_ms.append(ms)
+                all_ms.add(ms)
                 self._times.add(ms, t0)
                 frames += 1
                 # A lockstep (scripted/autonomous) controller's run is counted in produced
@@ -254,10 +254,9 @@ class GameLoop:
             except Exception:
                 if ok:
                     raise  # a failed close must not mask the loop's own exception
-        ms_arr = np.asarray(all_ms) if all_ms else np.zeros(1)
         return LoopStats(
             frames=frames, seconds=seconds, fps=frames / seconds if seconds > 0 else 0.0,
-            frame_ms_p50=float(np.percentile(ms_arr, 50)), frame_ms_p95=float(np.percentile(ms_arr, 95)),
+            frame_ms_p50=all_ms.quantile(0.5), frame_ms_p95=all_ms.quantile(0.95),
             late_frames=self.late_frames, session=self.sessions[-1] if self.sessions else None,
             produced=self.produced, seed=self.seed, sessions=list(self.sessions),
             screenshots=list(self.screenshots))

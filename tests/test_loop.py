@@ -95,7 +95,8 @@ def test_paced_loop_advances_fake_time_not_wall_time(monkeypatch: pytest.MonkeyP
     assert stats.frames == 90 and src.steps == 90
     assert clock.now() == pytest.approx(89 / 30 + 0.010)  # 89 paced periods + the last frame's work
     assert stats.fps == pytest.approx(90 / (89 / 30 + 0.010))
-    assert stats.frame_ms_p50 == pytest.approx(10.0) and stats.frame_ms_p95 == pytest.approx(10.0)
+    # quantiles come from 0.5%-wide bins (engine.hud.DurationQuantiles)
+    assert stats.frame_ms_p50 == pytest.approx(10.0, rel=0.005) and stats.frame_ms_p95 == pytest.approx(10.0, rel=0.005)
     assert clock.slept == pytest.approx(89 * (1 / 30 - 0.010))
 
 
@@ -248,3 +249,18 @@ def test_keyboard_controller_sees_keys_released_while_paused(pygame_events: None
 def test_invalid_loop_config() -> None:
     with pytest.raises(ValueError, match="target_fps"):
         GameLoop(FakeSource(), Turner(), LoopConfig(target_fps=0), FakeClock(), NullRenderer())
+
+
+def test_duration_quantiles_match_exact_percentiles_in_fixed_memory() -> None:
+    from engine.hud import DurationQuantiles
+    rng = np.random.default_rng(0)
+    ms = np.concatenate([rng.lognormal(np.log(30), 0.3, 20_000), [0.0, 1e9]])   # plus two extremes
+    dq = DurationQuantiles()
+    size = dq.counts.nbytes
+    for v in ms:
+        dq.add(float(v))
+    assert dq.counts.nbytes == size and dq.n == ms.size
+    for q in (0.5, 0.95, 0.99):
+        exact = float(np.quantile(ms, q))
+        assert abs(dq.quantile(q) - exact) / exact < 0.006, (q, dq.quantile(q), exact)
+    assert DurationQuantiles().quantile(0.5) == 0.0

@@ -70,7 +70,24 @@ def test_window_without_display_fails_suggesting_headless(tmp_path: Path) -> Non
 
 
 def test_windowed_play_on_an_offscreen_gl_window(tmp_path: Path) -> None:
-    out = json_line(play(["max_frames=20", "target_fps=60"], tmp_path, SDL_VIDEODRIVER="offscreen"))
+    out = json_line(play(["source=classic", "max_frames=20", "target_fps=60"], tmp_path,
+                         SDL_VIDEODRIVER="offscreen"))
     assert out["frames"] == 20 and out["controller"] == "human"
     assert out["renderer"] in ("gl", "blit")
     assert 0.25 < 20 / out["fps"] < 1.0  # paced at 60 fps: ~0.33 s, not as fast as possible
+
+
+def test_no_arguments_dreams_with_the_shipped_checkpoint(tmp_path: Path) -> None:
+    """`python play.py` (here headless and short) plays assets/default with the rolling sampler."""
+    out = json_line(play(["headless=true", "max_frames=6", "controller=explorer"], tmp_path))
+    meta = json.loads((ROOT / "assets" / "default" / "config.json").read_text())
+    assert out["source"] == "neural" and out["produced"] == 6 and out["threaded"] is True
+    assert out["checkpoint_id"] == meta["id"] and out["sampler"] == "rolling"
+
+
+def test_chosen_source_reads_overrides_and_the_yaml_default() -> None:
+    sys.path.insert(0, str(ROOT))
+    from play import chosen_source
+    assert chosen_source([]) == "neural"
+    assert chosen_source(["source=classic", "seed=3"]) == "classic"
+    assert chosen_source(["source=classic", "source=neural"]) == "neural"
