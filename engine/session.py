@@ -203,12 +203,9 @@ def _pick_codec() -> str:
         return "mpeg4"
 
 
-def export_mp4(session_path: Path | str, out_path: Path | str, fps: float = 30,
-               scale: int = 4) -> int:
-    """Encode a session as mp4 (libx264, else mpeg4; yuv420p), nearest-upscaled by ``scale``.
-
-    Returns the number of frames written.
-    """
+def encode_mp4(frames: np.ndarray, out_path: Path | str, fps: float = 30, scale: int = 4) -> int:
+    """Encode (T, H, W, 3) uint8 frames as mp4 (libx264, else mpeg4; yuv420p), nearest-upscaled
+    by ``scale``. Returns the number of frames written."""
     from fractions import Fraction
 
     import av
@@ -217,11 +214,9 @@ def export_mp4(session_path: Path | str, out_path: Path | str, fps: float = 30,
         raise ValueError(f"export scale must be a positive integer, got {scale}")
     if not fps > 0:
         raise ValueError(f"export fps must be > 0, got {fps}")
-    reader = SessionReader(session_path)
-    frames = reader.frames()
-    if len(frames) == 0:
-        raise RecordingError(f"{session_path}: session has no readable frames to export")
-    h, w = reader.resolution
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"encode_mp4: (T>0, H, W, 3) frames expected, got {frames.shape}")
+    h, w = frames.shape[1:3]
     # yuv420p subsamples chroma 2x2, so the encoded size must be even.
     oh, ow = h * scale + (h * scale) % 2, w * scale + (w * scale) % 2
     codec = _pick_codec()
@@ -245,6 +240,15 @@ def export_mp4(session_path: Path | str, out_path: Path | str, fps: float = 30,
         for packet in stream.encode(None):
             container.mux(packet)
     return len(frames)
+
+
+def export_mp4(session_path: Path | str, out_path: Path | str, fps: float = 30,
+               scale: int = 4) -> int:
+    """Encode a session as mp4 (see ``encode_mp4``). Returns the number of frames written."""
+    frames = SessionReader(session_path).frames()
+    if len(frames) == 0:
+        raise RecordingError(f"{session_path}: session has no readable frames to export")
+    return encode_mp4(frames, out_path, fps, scale)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -26,7 +26,8 @@ from world_model.checkpoint import save_checkpoint
 from world_model.codec import CodecConfig, FrameCodec, tensor_to_frames
 from world_model.data import FrameDataset, FrameSampler, split_sessions
 from world_model.ddp import DistInfo
-from world_model.trainer import Task, psnr, side_by_side, write_mp4
+from engine.session import encode_mp4
+from world_model.trainer import Task, psnr, side_by_side
 
 
 @dataclass
@@ -137,7 +138,7 @@ class CodecTask(Task):
         d = self.val_data
         n = min(self.cfg.sample_frames, int(d.starts[1]))         # from the first held-out session
         real = np.array(d.frames[:n])
-        write_mp4(path, side_by_side(real, self._reconstruct(model.codec.eval(), real)))
+        encode_mp4(side_by_side(real, self._reconstruct(model.codec.eval(), real)), path, fps=15)
 
     @torch.no_grad()
     def latent_stats(self, codec: FrameCodec) -> tuple[torch.Tensor, torch.Tensor]:

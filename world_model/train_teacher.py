@@ -42,7 +42,8 @@ from world_model.ddp import DistInfo
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_levels, shift_t,
                                   velocity_target, x0_from_v)
-from world_model.trainer import Task, psnr, side_by_side, write_mp4
+from engine.session import encode_mp4
+from world_model.trainer import Task, psnr, side_by_side
 
 
 @dataclass
@@ -287,7 +288,7 @@ class TeacherTask(Task):
         out = [sampler.step(ctl[f0 + i]) for i in range(n)]                    # each (C, h, w)
         gen_frames = tensor_to_frames(self.codec.decode(torch.stack(out)))
         real = SessionReader(self.val_dirs[s - self.val_sessions[0]], self.schema).frames()[f0:f0 + n]
-        write_mp4(path, side_by_side(real, gen_frames))
+        encode_mp4(side_by_side(real, gen_frames), path, fps=15)
 
     # ------------------------------------------------------------------ export / resume
     def export(self, model: nn.Module, path: Path, training: dict[str, Any]) -> str:

@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -153,25 +152,6 @@ class CsvLog:
                 w.writeheader()
             # .9g: float32 losses round-trip exactly.
             w.writerow({k: format(v, ".9g") if isinstance(v, float) else v for k, v in row.items()})
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: float = 15.0, scale: int = 4) -> None:
-    """(T, H, W, 3) uint8 -> mp4 (libx264 else mpeg4), nearest-upscaled by ``scale``."""
-    import av
-
-    t, h, w, _ = frames.shape
-    big = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    big = np.pad(big, ((0, 0), (0, (h * scale) % 2), (0, (w * scale) % 2), (0, 0)))  # yuv420p: even
-    path.parent.mkdir(parents=True, exist_ok=True)
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = big.shape[2], big.shape[1], "yuv420p"
-        for img in big:
-            for pkt in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-                out.mux(pkt)
-        for pkt in stream.encode(None):
-            out.mux(pkt)
 
 
 def side_by_side(*videos: np.ndarray, sep: int = 2) -> np.ndarray:
