@@ -8,8 +8,8 @@ import pytest
 
 from engine.actions import Action
 from engine.classic_game import ClassicConfig, ClassicGame
-from world_model.eval_metrics import (PSNR_CAP, frechet_distance, psnr, quality_reference, quality_score,
-                                      ssim)
+from world_model.eval_metrics import (PSNR_CAP, frame_mse, frechet_distance, pooled_psnr, pooled_psnr_of_mse, psnr,
+                                      quality_reference, quality_score, ssim)
 from world_model.eval_probes import ACTION_CLASSES, action_class, collect_real
 
 
@@ -34,6 +34,27 @@ def test_psnr_known_values_and_cap() -> None:
         psnr(a, b[:1])
     with pytest.raises(ValueError, match="uint8"):
         psnr(a.astype(np.float32), b)
+
+
+def test_pooled_psnr_pools_the_mse_and_never_exceeds_the_per_frame_mean() -> None:
+    a = np.zeros((2, 8, 8, 3), np.uint8)
+    b = a.copy()
+    b[1] = 20                                                    # frame 0 exact, frame 1 MSE 400
+    # pooled: MSE (0 + 400) / 2 = 200; the per-frame mean averages the cap (99 dB) with 22.1 dB
+    assert pooled_psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / 200.0))
+    assert float(psnr(a, b).mean()) == pytest.approx((PSNR_CAP + 10 * math.log10(255 ** 2 / 400.0)) / 2)
+    assert pooled_psnr(a, a) == PSNR_CAP and isinstance(pooled_psnr(a, b), float)
+    np.testing.assert_allclose(frame_mse(a, b), [0.0, 400.0])
+    assert pooled_psnr_of_mse(frame_mse(a, b)) == pooled_psnr(a, b)
+    assert math.isnan(pooled_psnr_of_mse(np.zeros(0)))
+    # Jensen: the mean of per-frame PSNR is never below the pooled PSNR
+    rng = np.random.default_rng(0)
+    f = _frames(4)
+    g = np.clip(f.astype(int) + rng.normal(0, 1, f.shape) * np.array([1, 5, 20, 60])[:, None, None, None],
+                0, 255).astype(np.uint8)
+    assert float(psnr(f, g).mean()) > pooled_psnr(f, g) + 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        pooled_psnr(a, b[:1])
 
 
 def test_ssim_identical_constant_and_monotone() -> None:

@@ -1,7 +1,8 @@
-"""python -m world_model.evaluate: probes, key-press latency, and a quick end-to-end run."""
+"""python -m world_model.evaluate: probes, key-press latency, drift summaries, and a quick end-to-end run."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import deque
@@ -19,8 +20,10 @@ from world_model.checkpoint import load_checkpoint, save_checkpoint
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.eval_probes import ProbeConfig, action_class, effective_pairs, train_probes
-from world_model.eval_streams import measure_latency
-from world_model.evaluate import evaluate, load_config
+from world_model.eval_report import markdown
+from world_model.eval_streams import (BinStats, StreamRecord, floor_reference, measure_latency,
+                                      summarize_drift)
+from world_model.evaluate import _clean, evaluate, load_config
 from world_model.neural_world import NeuralConfig, NeuralWorld
 from world_model.samplers import SamplerConfig
 
@@ -136,6 +139,55 @@ def test_classic_game_and_neural_world_latency(tiny_ckpt: Path) -> None:
     assert r["nondeterministic_seeds"] == [] and r["per_seed"] == [0, 0]
 
 
+# ---------------------------------------------------------------------------- drift summaries
+def _bin(feat_gen: np.ndarray, feat_real: np.ndarray, quality: float = 80.0, quality_real: float = 95.0) -> BinStats:
+    """A bin of n frames with the given features (n, D) and constant quality scores."""
+    n = len(feat_gen)
+    ok = np.ones(n, bool)
+    return BinStats(quality_gen=np.full(n, quality), quality_real=np.full(n, quality_real),
+                    feat_gen=feat_gen.astype(np.float32), feat_real=feat_real.astype(np.float32),
+                    theme_gen=ok, theme_real=ok, psnr=np.full(n, 20.0), mse=np.full(n, 650.25),
+                    action=np.zeros(n, np.int64), idm_gen=np.zeros(n, np.int64), idm_real=np.zeros(n, np.int64))
+
+
+def test_delta_drift_is_undefined_with_one_bin() -> None:
+    f = np.random.default_rng(0).normal(size=(10, 4))
+    one = summarize_drift([StreamRecord(100000, [_bin(f, f, 70.0, 96.0)], frames=10)])
+    assert all(math.isnan(one[k]) for k in ("delta_drift", "delta_drift_pct", "delta_drift_real"))
+    assert json.loads(json.dumps(_clean(one)))["delta_drift"] is None          # null in eval.json
+    two = summarize_drift([StreamRecord(100000, [_bin(f, f, 70.0, 96.0), _bin(f, f, 56.0, 95.0)], frames=20)])
+    assert two["delta_drift"] == pytest.approx(14.0) and two["delta_drift_pct"] == pytest.approx(20.0)
+    assert two["delta_drift_real"] == pytest.approx(1.0)
+    # MSE 650.25 = (255 / 10)^2 in every frame: pooled PSNR 20 dB
+    assert two["psnr_vs_truth_pooled"] == pytest.approx([20.0, 20.0])
+
+
+def test_fd_floor_reference_is_another_path_through_the_streamed_worlds() -> None:
+    """Reference = real frames of the streamed worlds along another explorer path.
+
+    Its features must be the same worlds (a floor far below a shifted "dream" of that world,
+    and far below a reference mixing other worlds) yet not the stream's own frames.
+    """
+    from engine.classic_game import ClassicConfig
+    from world_model.eval_probes import collect_real
+
+    classic = ClassicConfig()
+    feats = lambda frames: frames.reshape(len(frames), -1)[:, ::97].astype(np.float64)   # (n, 127)
+    stream = collect_real(classic, [100000], 240).frames            # the drift stream's shadow path
+    ref = floor_reference(classic, [100000], feats, frames_per_seed=240)
+    assert ref.shape == (240, 127)
+    assert not np.array_equal(ref, feats(stream))                   # another path, not the same frames
+    shifted = np.clip(stream.astype(np.int16) + 40, 0, 255).astype(np.uint8)
+    rec = StreamRecord(100000, [_bin(feats(shifted), feats(stream))], frames=240)
+    out = summarize_drift([rec], ref)
+    floor, fd = out["fd_floor"][0], out["fd"][0]
+    assert floor < 0.5 * fd, (floor, fd)
+    other = floor_reference(classic, [100001, 100002], feats, frames_per_seed=240)   # other worlds
+    assert summarize_drift([rec], other)["fd_floor"][0] > 2 * floor
+    with pytest.raises(ValueError, match="no streamed seeds"):
+        floor_reference(classic, [], feats)
+
+
 # ---------------------------------------------------------------------------- end to end
 def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     from engine.datagen import record_explorer_session
@@ -162,9 +214,18 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert saved["drift"]["configs"]["teacher"]["frames_per_stream"] == 36
     tf = saved["teacher_forced"]
     assert set(tf["configs"]) == set(names) and tf["positions"] == 4 and tf["copy_last"]["psnr"] > 15
-    assert set(saved["rollout"]["configs"]["causal"]["psnr"]) == {"1", "4", "8"}
+    # pooled PSNR beside the per-frame mean, never above it
+    assert saved["codec"]["psnr_pooled"] <= saved["codec"]["psnr"] + 1e-9
+    for v in (tf["copy_last"], tf["codec_ceiling"], *tf["configs"].values()):
+        assert v["psnr_pooled"] <= v["psnr"] + 1e-9
+    c = tf["configs"]["causal"]
+    assert c["gain_over_copy_last_db_pooled"] == pytest.approx(c["psnr_pooled"] - tf["copy_last"]["psnr_pooled"])
+    ro = saved["rollout"]
+    assert set(ro["configs"]["causal"]["psnr"]) == set(ro["configs"]["causal"]["psnr_pooled"]) == {"1", "4", "8"}
+    assert set(ro["psnr_pooled"]["copy_last"]) == set(ro["psnr_pooled"]["codec_ceiling"]) == {"1", "4", "8"}
     drift = saved["drift"]["configs"]["rolling"]
     assert len(drift["quality"]) == 3 and len(drift["fd"]) == 3 and drift["frames_per_stream"] == 45
+    assert len(drift["psnr_vs_truth_pooled"]) == 3 and all(v is not None for v in drift["fd_floor"])
     assert drift["delta_drift"] == pytest.approx(abs(drift["quality"][0] - drift["quality"][-1]))
     assert all(0.0 <= v <= 1.0 for v in saved["theme_retention"]["configs"]["teacher"]["per_bin"])
     assert saved["action_faithfulness"]["configs"]["causal"]["pairs"] > 0
@@ -173,6 +234,14 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert set(saved["latency"]["configs"]) == set(names)
     md = (out / "eval.md").read_text()
     assert "## Teacher-forced next frame" in md and "| copy-last |" in md and "ΔDrift" in md
+    assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
+    # a one-bin drift (stream no longer than a bin) prints no ΔDrift, not 0.00
+    for v in saved["drift"]["configs"].values():
+        for key in ("quality", "quality_real", "fd", "fd_floor", "theme_retention", "theme_retention_real",
+                    "psnr_vs_truth", "psnr_vs_truth_pooled", "idm_acc"):
+            v[key] = v[key][:1]
+        v["delta_drift"] = v["delta_drift_pct"] = v["delta_drift_real"] = None
+    assert "| n/a (one bin) | n/a (one bin) | n/a (one bin) |" in markdown(saved)
     assert len(report["plots"]) == 4 and all(Path(p).stat().st_size > 1000 for p in report["plots"])
 
 

@@ -1,11 +1,16 @@
 """Frame metrics of the evaluation: PSNR, SSIM, a no-reference quality score, Fréchet distance.
 
 All image metrics take uint8 RGB frames ``(N, H, W, 3)`` (or one ``(H, W, 3)``)
-and return one value per frame, so callers can average per position, per
-horizon or per minute as they need.
+and return one value per frame (``pooled_psnr`` aside), so callers can average
+per position, per horizon or per minute as they need.
 
 * ``psnr``: 10 log10(255^2 / MSE) per frame, capped at ``PSNR_CAP`` dB for
   identical frames (an ``inf`` would poison every mean it enters).
+* ``pooled_psnr``: one number, 10 log10(255^2 / mean MSE over all frames), as
+  training validation computes it. The mean of per-frame PSNR is never below
+  it (Jensen) and flatters predictors that are near-exact on easy frames
+  (copy-last on frames that barely change scores up to the cap there), so
+  reports give both.
 * ``ssim``: Wang et al. 2004, Gaussian window 11x11 sigma 1.5, K1 = 0.01,
   K2 = 0.03 on the 0..255 scale, computed per channel on the valid region
   and averaged.
@@ -58,14 +63,33 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N,) PSNR in dB between uint8 frame batches, capped at PSNR_CAP."""
+def frame_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) mean squared error per frame (0..255 scale) between uint8 frame batches."""
     a, b = _pair(a, b)
     d = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.mean(d * d, axis=(1, 2, 3))                                      # (N,)
+    return np.mean(d * d, axis=(1, 2, 3))                                     # (N,)
+
+
+def _psnr_of(mse: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         out = 10.0 * np.log10(255.0 ** 2 / mse)
     return np.minimum(out, PSNR_CAP)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) PSNR in dB between uint8 frame batches, capped at PSNR_CAP."""
+    return _psnr_of(frame_mse(a, b))
+
+
+def pooled_psnr_of_mse(mse: np.ndarray | list[float]) -> float:
+    """PSNR (dB, capped) of the mean of per-frame MSEs (N,) of equally sized frames; NaN if N = 0."""
+    m = np.asarray(mse, dtype=np.float64)
+    return float(_psnr_of(np.asarray(m.mean()))) if m.size else math.nan
+
+
+def pooled_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of the MSE pooled over all frames of two uint8 batches, capped at PSNR_CAP."""
+    return pooled_psnr_of_mse(frame_mse(a, b))
 
 
 def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -103,14 +103,19 @@ def explorer_for(classic: ClassicConfig) -> ExplorerConfig:
                           run_multiplier=classic.run_multiplier)
 
 
-def collect_real(classic: ClassicConfig, seeds: list[int], frames_per_seed: int) -> RealFrames:
-    """Explorer rollouts of ``frames_per_seed`` frames (frame 0 = reset) on each world seed."""
+def collect_real(classic: ClassicConfig, seeds: list[int], frames_per_seed: int,
+                 explorer_offset: int = 0) -> RealFrames:
+    """Explorer rollouts of ``frames_per_seed`` frames (frame 0 = reset) on each world seed.
+
+    The explorer of world ``seed`` is seeded ``seed + explorer_offset``: 0 walks the path the
+    recordings and drift streams take, anything else another path through the same world.
+    """
     game = ClassicGame(classic)
     ctrl = ExplorerController(explorer_for(classic), game.schema)
     frames, controls, theme, first = [], [], [], []
     for seed in seeds:
         frames.append(game.reset(seed))
-        ctrl.reset(seed)
+        ctrl.reset(seed + explorer_offset)
         controls.append(np.zeros(4, np.float32))
         first.append(True)
         for i in range(1, frames_per_seed):

@@ -7,7 +7,8 @@
   ExplorerController (which reads the *shadow* classic game's sensors, so it
   wanders the real maze whatever the model dreams). Every frame is judged
   with the probes beside the shadow game's ground truth, in bins of
-  ``bin_frames`` frames (a "minute"); ``summarize_drift`` pools bins over seeds.
+  ``bin_frames`` frames (a "minute"); ``summarize_drift`` pools bins over seeds;
+  ``floor_reference`` gives the real frames its FD floor compares each bin with.
 * ``measure_latency``: two streams from the same seed (and so the same
   generator seed), identical except that one holds a key from ``press_tick``
   on; latency = frames from the press to the first frame that differs by more
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -27,8 +29,11 @@ from controllers.base import TickInput
 from controllers.explorer import ExplorerController
 from engine.actions import Action
 from engine.source import FrameSource
-from world_model.eval_metrics import frechet_distance, mean_finite, psnr, quality_score, ssim
-from world_model.eval_probes import ACTION_CLASSES, Probes, action_class, effective_pairs, explorer_for
+from world_model.eval_metrics import (frame_mse, frechet_distance, mean_finite, pooled_psnr, pooled_psnr_of_mse,
+                                      psnr, quality_score, ssim)
+from engine.classic_game import ClassicConfig
+from world_model.eval_probes import (ACTION_CLASSES, Probes, action_class, collect_real, effective_pairs,
+                                     explorer_for)
 from world_model.samplers import StreamSampler
 
 
@@ -76,7 +81,8 @@ def _positions(lo: int, hi: int, n: int) -> list[int]:
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    return {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean())}
+    """Mean per-frame PSNR, pooled PSNR (MSE over all frames) and mean SSIM of two (N, H, W, 3) batches."""
+    return {"psnr": float(psnr(a, b).mean()), "psnr_pooled": pooled_psnr(a, b), "ssim": float(ssim(a, b).mean())}
 
 
 def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
@@ -86,6 +92,9 @@ def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampl
 
     Every config sees the same positions (room for the longest context) and the same
     generator seed per position. Context length = the config's sink + cache frames.
+    PSNR is given twice: ``psnr`` (mean of per-frame PSNR) and ``psnr_pooled`` (of the MSE
+    pooled over the frames); rollout baselines by horizon: ``copy_last`` / ``codec_ceiling``
+    (per-frame mean) and ``psnr_pooled["copy_last" | "codec_ceiling"]``.
     """
     n_ctx = max(s.cfg.sink_frames + s.cfg.cache_frames for s in samplers.values())
     hmax = max(horizons)
@@ -99,26 +108,30 @@ def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampl
     tf: dict[str, Any] = {"positions": len(tf_idx), "copy_last": _pair(at(tf_idx, "frames", -1), real),
                           "codec_ceiling": _pair(at(tf_idx, "recon", 0), real), "configs": {}}
     ro: dict[str, Any] = {"horizons": list(horizons), "positions": len(ro_idx), "configs": {},
-                          "copy_last": {}, "codec_ceiling": {}}
+                          "copy_last": {}, "codec_ceiling": {},
+                          "psnr_pooled": {"copy_last": {}, "codec_ceiling": {}}}
     for h in horizons if ro_idx else []:
         truth = at(ro_idx, "frames", h - 1)
-        ro["copy_last"][h] = float(psnr(at(ro_idx, "frames", -1), truth).mean())
-        ro["codec_ceiling"][h] = float(psnr(at(ro_idx, "recon", h - 1), truth).mean())
+        for key, pred in (("copy_last", at(ro_idx, "frames", -1)), ("codec_ceiling", at(ro_idx, "recon", h - 1))):
+            ro[key][h] = float(psnr(pred, truth).mean())
+            ro["psnr_pooled"][key][h] = pooled_psnr(pred, truth)
     ctrl = {s.seed: torch.from_numpy(s.controls) for s in sessions}
     for name, sampler in samplers.items():
         k = sampler.cfg.sink_frames + sampler.cfg.cache_frames
         t0 = time.perf_counter()
         z = torch.cat([dream_from_context(sampler, s.latents, ctrl[s.seed], p, k, 1, gen_of(s, p)) for s, p in tf_idx])
-        gen = decode_frames(codec, z)
-        tf["configs"][name] = {**_pair(gen, real), "seconds": time.perf_counter() - t0,
-                               "gain_over_copy_last_db": float(psnr(gen, real).mean()) - tf["copy_last"]["psnr"]}
+        m = _pair(decode_frames(codec, z), real)
+        tf["configs"][name] = {**m, "seconds": time.perf_counter() - t0,
+                               "gain_over_copy_last_db": m["psnr"] - tf["copy_last"]["psnr"],
+                               "gain_over_copy_last_db_pooled": m["psnr_pooled"] - tf["copy_last"]["psnr_pooled"]}
         if ro_idx:
             t0 = time.perf_counter()
             gens = [decode_frames(codec, dream_from_context(sampler, s.latents, ctrl[s.seed], p, k, hmax, gen_of(s, p)))
                     for s, p in ro_idx]                                          # each (hmax, H, W, 3)
-            ro["configs"][name] = {"seconds": time.perf_counter() - t0, "psnr": {
-                h: float(psnr(np.stack([g[h - 1] for g in gens]), at(ro_idx, "frames", h - 1)).mean())
-                for h in horizons}}
+            pairs = {h: (np.stack([g[h - 1] for g in gens]), at(ro_idx, "frames", h - 1)) for h in horizons}
+            ro["configs"][name] = {"seconds": time.perf_counter() - t0,
+                                   "psnr": {h: float(psnr(*ab).mean()) for h, ab in pairs.items()},
+                                   "psnr_pooled": {h: pooled_psnr(*ab) for h, ab in pairs.items()}}
     return tf, ro
 
 
@@ -139,6 +152,7 @@ class BinStats:
     theme_gen: np.ndarray      # (n,) bool: classified as the world's theme
     theme_real: np.ndarray     # (n,) bool
     psnr: np.ndarray           # (n,) dreamed vs shadow frame
+    mse: np.ndarray            # (n,) per-frame MSE dreamed vs shadow frame (for the pooled PSNR)
     action: np.ndarray         # (m,) commanded action class of effective pairs
     idm_gen: np.ndarray        # (m,) IDM on dreamed pairs
     idm_real: np.ndarray       # (m,) IDM on shadow pairs
@@ -162,7 +176,7 @@ def _judge(gen: np.ndarray, real: np.ndarray, prev_gen: np.ndarray, prev_real: n
         quality_gen=quality_score(gen, probes.quality_ref), quality_real=quality_score(real, probes.quality_ref),
         feat_gen=feat_gen.astype(np.float32), feat_real=feat_real.astype(np.float32),
         theme_gen=theme_gen == theme, theme_real=theme_real == theme,
-        psnr=psnr(gen, real), action=cls[keep],
+        psnr=psnr(gen, real), mse=frame_mse(gen, real), action=cls[keep],
         idm_gen=probes.action_of(prev_gen[keep], gen[keep]), idm_real=probes.action_of(prev_real[keep], real[keep]))
 
 
@@ -207,16 +221,35 @@ def _accuracy(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return float(np.mean(pred == target)), float(np.mean(recalls))
 
 
+def floor_reference(classic: ClassicConfig, seeds: list[int], features: Callable[[np.ndarray], np.ndarray],
+                    frames_per_seed: int = 1800, explorer_offset: int = 7_919) -> np.ndarray:
+    """(N, D) features of real frames of the streamed worlds ``seeds``: the FD floor's reference.
+
+    A floor compares like with like: the same worlds (and themes) as the streams' shadow frames,
+    never other held-out worlds (a mixture of themes is far from any one world's frames and made
+    the floor exceed every dream-vs-real FD). And not the same frames: the explorer is seeded
+    differently (``explorer_offset``), so the reference walks another path through each world
+    (a recorded session walks exactly the start of its stream's shadow path).
+    """
+    if not seeds:
+        raise ValueError("floor_reference: no streamed seeds")
+    real = collect_real(classic, list(seeds), frames_per_seed, explorer_offset)
+    return np.asarray(features(real.frames))
+
+
 def summarize_drift(records: list[StreamRecord], ref_features: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Pool bin b of every stream; per-bin curves, ΔDrift, theme retention, action faithfulness.
 
-    ``ref_features`` (N, D): features of other real frames of the same worlds; the Fréchet
-    distance between them and each bin's shadow frames is the sampling floor of the FD.
+    ``ref_features`` (N, D): features of real frames of the streamed worlds from elsewhere
+    (``floor_reference``: another explorer path through each). Per bin, ``fd_floor`` = FD(the
+    bin's shadow frames, ``ref_features``): what two real sets of the same worlds already
+    differ by. ΔDrift (first bin vs last bin) needs two bins: NaN with one.
     """
     n_bins = min(len(r.bins) for r in records)
     cat = lambda name, b: np.concatenate([getattr(r.bins[b], name) for r in records])
     out: dict[str, Any] = {k: [] for k in ("quality", "quality_real", "fd", "fd_floor", "theme_retention",
-                                           "theme_retention_real", "psnr_vs_truth", "idm_acc")}
+                                           "theme_retention_real", "psnr_vs_truth", "psnr_vs_truth_pooled",
+                                           "idm_acc")}
     for b in range(n_bins):
         out["quality"].append(float(cat("quality_gen", b).mean()))
         out["quality_real"].append(float(cat("quality_real", b).mean()))
@@ -227,12 +260,15 @@ def summarize_drift(records: list[StreamRecord], ref_features: Optional[np.ndarr
         out["theme_retention"].append(float(cat("theme_gen", b).mean()))
         out["theme_retention_real"].append(float(cat("theme_real", b).mean()))
         out["psnr_vs_truth"].append(mean_finite(cat("psnr", b)))
+        out["psnr_vs_truth_pooled"].append(pooled_psnr_of_mse(cat("mse", b)))
         out["idm_acc"].append(_accuracy(cat("idm_gen", b), cat("action", b))[0])
+    nan = float("nan")
     q0, q1 = out["quality"][0], out["quality"][-1]
-    out["delta_drift"] = abs(q0 - q1)
-    out["delta_drift_pct"] = 100.0 * abs(q0 - q1) / q0 if q0 > 0 else float("nan")
     r0, r1 = out["quality_real"][0], out["quality_real"][-1]
-    out["delta_drift_real"] = abs(r0 - r1)   # what the same trajectory's real frames drift: the floor
+    two = n_bins >= 2  # with one bin, first = last: a ΔDrift of 0 would be by construction, not measured
+    out["delta_drift"] = abs(q0 - q1) if two else nan
+    out["delta_drift_pct"] = 100.0 * abs(q0 - q1) / q0 if two and q0 > 0 else nan
+    out["delta_drift_real"] = abs(r0 - r1) if two else nan  # the same trajectory's real frames: the floor
     action = np.concatenate([r.bins[b].action for r in records for b in range(n_bins)])
     gen = np.concatenate([r.bins[b].idm_gen for r in records for b in range(n_bins)])
     real = np.concatenate([r.bins[b].idm_real for r in records for b in range(n_bins)])

@@ -29,9 +29,10 @@ from engine.cli import USER_ERRORS, fail, run_hydra_main
 from engine.config import ConfigError, to_dataclass, to_plain
 from engine.session import SessionReader, list_sessions
 from world_model.checkpoint import LoadedCheckpoint, load_checkpoint
-from world_model.eval_metrics import psnr, ssim
+from world_model.eval_metrics import pooled_psnr, psnr, ssim
 from world_model.eval_probes import ACTION_CLASSES, ProbeConfig, Probes, collect_real, heldout_accuracy, train_probes
-from world_model.eval_streams import (Session, decode_frames, from_context_metrics, measure_latency,
+from world_model.eval_report import markdown, write_plots
+from world_model.eval_streams import (Session, decode_frames, floor_reference, from_context_metrics, measure_latency,
                                       run_drift_stream, summarize_drift)
 from world_model.neural_world import NeuralConfig, NeuralWorld, classic_config_for
 from world_model.samplers import SamplerConfig, make_sampler
@@ -175,15 +176,21 @@ def eval_codec(sessions: list[Session], n: int) -> dict[str, Any]:
     recon = np.concatenate([s.recon for s in sessions])
     idx = np.unique(np.linspace(0, len(real) - 1, min(n, len(real))).astype(int))
     return {"frames": int(idx.size), "psnr": float(psnr(real[idx], recon[idx]).mean()),
-            "ssim": float(ssim(real[idx], recon[idx]).mean())}
+            "psnr_pooled": pooled_psnr(real[idx], recon[idx]), "ssim": float(ssim(real[idx], recon[idx]).mean())}
 
 
 def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session], scfgs: dict[str, SamplerConfig],
-               probes: Probes) -> dict[str, Any]:
+               probes: Probes, classic: ClassicConfig) -> dict[str, Any]:
+    """Drift streams of every config on the first ``stream_seeds`` worlds, summarised per bin.
+
+    FD floor, per bin: FD(the bin's shadow frames, one bin's worth of real frames per streamed
+    world along another explorer path): real vs real over the same worlds and themes
+    (eval_streams.floor_reference).
+    """
     streams = sessions[:cfg.stream_seeds] if cfg.stream_seeds > 0 else sessions
     bin_frames = max(1, int(round(cfg.bin_seconds * cfg.fps)))
-    ref = np.concatenate([s.frames[::max(1, len(s.frames) // 200)] for s in sessions])
-    ref_features = probes.features(ref)
+    ref_features = floor_reference(classic, [s.seed for s in streams], probes.features,
+                                   frames_per_seed=bin_frames)   # (N, D)
     out: dict[str, Any] = {"bin_seconds": cfg.bin_seconds, "fps": cfg.fps, "seeds": [s.seed for s in streams],
                            "configs": {}}
     for name, scfg in scfgs.items():
@@ -253,7 +260,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     probes = timed("probes", lambda: train_probes(cfg.probes, classic, cfg.probe_dir or out / "probes"))
     report["probes"] = {**heldout_accuracy(probes, [(s.frames, s.controls, s.theme) for s in sessions]),
                         **probes.info}
-    report["drift"] = timed("drift", lambda: eval_drift(ckpt, cfg, sessions, scfgs, probes))
+    report["drift"] = timed("drift", lambda: eval_drift(ckpt, cfg, sessions, scfgs, probes, classic))
     d = report["drift"]["configs"]
     report["theme_retention"] = {"bin_seconds": cfg.bin_seconds, "configs": {
         n: {"per_bin": v["theme_retention"], "real": v["theme_retention_real"]} for n, v in d.items()}}
@@ -266,115 +273,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "eval.md").write_text(markdown(report))
     return report
-
-
-# ---------------------------------------------------------------------------- eval.md and plots
-def _f(v: Any, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(_f(v) for v in r) + " |" for r in rows] + [""]
-
-
-def markdown(r: dict[str, Any]) -> str:
-    """eval.md: every section as a table, model rows beside their baselines."""
-    tf, ro, dr, lat = r["teacher_forced"], r["rollout"], r["drift"], r["latency"]
-    c = r["codec"]
-    lines = [f"# Evaluation of checkpoint {r['checkpoint']['id']}", "",
-             f"Held-out seeds {r['seeds']} (recorded: {r['recorded_seeds']}); quick={r['quick']}. "
-             "See docs/evaluation.md for definitions.", "",
-             "## Codec ceiling", ""] + _table(["frames", "PSNR dB", "SSIM"], [[c["frames"], c["psnr"], c["ssim"]]])
-    lines += ["## Teacher-forced next frame", "", f"{tf['positions']} positions.", ""]
-    lines += _table(["", "PSNR dB", "SSIM", "gain over copy-last dB"],
-                    [["copy-last", tf["copy_last"]["psnr"], tf["copy_last"]["ssim"], 0.0],
-                     ["codec ceiling", tf["codec_ceiling"]["psnr"], tf["codec_ceiling"]["ssim"],
-                      tf["codec_ceiling"]["psnr"] - tf["copy_last"]["psnr"]]]
-                    + [[n, v["psnr"], v["ssim"], v["gain_over_copy_last_db"]] for n, v in tf["configs"].items()])
-    hs = [str(h) for h in ro["horizons"]]
-    lines += ["## Rollout PSNR (dB) by horizon", "", f"{ro['positions']} starts.", ""]
-    lines += _table(["", *hs], [["copy-last", *[ro["copy_last"].get(h) for h in hs]],
-                                ["codec ceiling", *[ro["codec_ceiling"].get(h) for h in hs]]]
-                    + [[n, *[v["psnr"].get(h) for h in hs]] for n, v in ro["configs"].items()])
-    lines += ["## Drift over long streams", "", f"Bins of {dr['bin_seconds']} s at {dr['fps']} fps; "
-              f"seeds {dr['seeds']}. Quality: 0-100 (docs/evaluation.md); FD floor = real vs real.", ""]
-    lines += _table(["config", "minutes", "quality first", "quality last", "ΔDrift", "ΔDrift %", "ΔDrift real",
-                     "FD first", "FD last", "FD floor", "PSNR vs truth first", "ms/frame"],
-                    [[n, v["minutes"], v["quality"][0], v["quality"][-1], v["delta_drift"], v["delta_drift_pct"],
-                      v["delta_drift_real"], v["fd"][0], v["fd"][-1], v["fd_floor"][0], v["psnr_vs_truth"][0],
-                      v["ms_per_frame"]] for n, v in dr["configs"].items()])
-    for key, title in (("quality", "Quality per bin"), ("fd", "Fréchet distance per bin"),
-                       ("theme_retention", "Theme retention per bin (share of frames)")):
-        n_bins = max(len(v[key]) for v in dr["configs"].values())
-        real_key = {"quality": "quality_real", "fd": "fd_floor", "theme_retention": "theme_retention_real"}[key]
-        first = next(iter(dr["configs"].values()))
-        lines += [f"### {title}", ""] + _table(
-            ["config", *[str(b) for b in range(n_bins)]],
-            [["real" if key != "fd" else "floor", *first[real_key]]]
-            + [[n, *v[key]] for n, v in dr["configs"].items()])
-    lines += ["## Action faithfulness (inverse-dynamics model)", "",
-              f"Real held-out pairs: accuracy {_f(r['probes']['idm_acc_heldout'])} "
-              f"({r['probes']['idm_pairs_heldout']} pairs); theme classifier on held-out frames: "
-              f"{_f(r['probes']['theme_acc_heldout'])}.", ""]
-    lines += _table(["config", "pairs", "acc dreamed", "acc real", "ratio", "balanced dreamed", "balanced real",
-                     "balanced ratio"],
-                    [[n, a["pairs"], a["acc"], a["real_acc"], a["ratio"], a["balanced_acc"], a["real_balanced_acc"],
-                      a["balanced_ratio"]] for n, a in r["action_faithfulness"]["configs"].items()])
-    cl = lat["classic"]
-    lines += ["## Key-press latency (frames)", "", f"Key {cl['key']} held from step {cl['press_tick']}; "
-              f"threshold {cl['threshold']} mean |pixel diff|; watched {cl['horizon']} frames.", ""]
-    lines += _table(["source", "late binding", "mean frames", "detected / seeds", "per seed"],
-                    [["classic game", "-", cl["mean_frames"], f"{cl['detected']}/{cl['seeds']}", cl["per_seed"]]]
-                    + [[n, v["late_binding"], v["mean_frames"], f"{v['detected']}/{v['seeds']}", v["per_seed"]]
-                       for n, v in lat["configs"].items()])
-    lines += ["## Time (s)", ""] + _table(list(r["timing_seconds"]), [list(r["timing_seconds"].values())])
-    return "\n".join(lines)
-
-
-def write_plots(r: dict[str, Any], out: Path) -> list[str]:
-    """PNG plots: per-bin quality, FD, theme retention per config; rollout PSNR vs horizon."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
-
-    dr, ro, paths = r["drift"], r["rollout"], []
-    minute = lambda n: [(b + 0.5) * dr["bin_seconds"] / 60.0 for b in range(n)]   # bin centres in minutes
-    for key, real_key, ylabel in (("quality", "quality_real", "quality score (0-100)"),
-                                  ("fd", "fd_floor", "Fréchet distance"),
-                                  ("theme_retention", "theme_retention_real", "share of frames in start theme")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for n, v in dr["configs"].items():
-            ax.plot(minute(len(v[key])), [np.nan if x is None else x for x in v[key]], marker="o", label=n)
-        first = next(iter(dr["configs"].values()))
-        ax.plot(minute(len(first[real_key])), [np.nan if x is None else x for x in first[real_key]],
-                "k--", label="real" if key != "fd" else "real vs real (floor)")
-        ax.set_xlabel("stream time (minutes)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(str(out / f"drift_{key}.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    hs = [str(h) for h in ro["horizons"]]
-    for n, v in ro["configs"].items():
-        ax.plot(ro["horizons"], [v["psnr"].get(h) for h in hs], marker="o", label=n)
-    for key, style in (("copy_last", "k--"), ("codec_ceiling", "k:")):
-        if ro.get(key):
-            ax.plot(ro["horizons"], [ro[key].get(h) for h in hs], style, label=key.replace("_", " "))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ro["horizons"], [str(h) for h in ro["horizons"]])
-    ax.set_xlabel("horizon (frames)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(str(out / "rollout_psnr.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
 
 
 def load_config(overrides: list[str]) -> EvalConfig:
