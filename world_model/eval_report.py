@@ -60,8 +60,8 @@ def _rollout_section(ro: dict[str, Any]) -> list[str]:
 def _drift_section(dr: dict[str, Any]) -> list[str]:
     lines = ["## Drift over long streams", "",
              (f"Bins of {dr['bin_seconds']} s at {dr['fps']} fps; seeds {dr['seeds']}. Quality: 0-100 "
-              "(docs/evaluation.md); FD floor = the bin's real (shadow) frames vs the recorded held-out "
-              "sessions of the same seeds; ΔDrift needs two bins."), ""]
+              "(docs/evaluation.md); FD floor = the first bin's real (shadow) frames vs real frames of "
+              "the same worlds along another explorer path; ΔDrift needs two bins."), ""]
     lines += _table(["config", "minutes", "quality first", "quality last", "ΔDrift", "ΔDrift %", "ΔDrift real",
                      "FD first", "FD last", "FD floor", "PSNR vs truth first mean", "PSNR vs truth first pooled",
                      "ms/frame"],
