@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.test_dit import tiny_model
-from world_model.dit import FrameKV, WorldDiT
+from world_model.dit import WorldDiT
 from world_model.samplers import CachedHistory, SamplerConfig, StreamSampler, make_sampler
 
 C, R = 4, 4  # tiny latent (C, R, R)

@@ -22,6 +22,11 @@ Layout of the two buffers ``k_buf`` / ``v_buf``, each (depth, B, heads, (S + L) 
 Buffers are allocated on the first ``append`` (shape, dtype and device come
 from that FrameKV) and never grow afterwards: memory is flat and tensor shapes
 are static once the cache is full (good for CUDA graphs).
+
+Because the buffers never move, the per-layer views the hot path needs (the
+``past()`` prefix of P frames, each slot's destination, each eviction shift)
+are built once and reused: a streamed step would otherwise spend more time
+slicing than copying. Writes of all layers go through one ``torch._foreach_copy_``.
 """
 from __future__ import annotations
 
@@ -45,6 +50,10 @@ class KVCache:
         self._sink = 0                       # sink frames held (<= S)
         self._rolling = 0                    # rolling frames held (<= L)
         self.total_appended = 0              # frames ever appended (for diagnostics)
+        # views into k_buf / v_buf, valid as long as the buffers (never reallocated once made)
+        self._past_views: dict[int, list[tuple[Tensor, Tensor]]] = {}  # P -> per-layer (k, v) prefix
+        self._slot_views: dict[int, list[Tensor]] = {}                   # slot -> [k per layer] + [v per layer]
+        self._shift_views: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}  # (i, drop) -> dst, src
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -84,6 +93,9 @@ class KVCache:
         like = fkv.kv[0][0]
         self.k_buf = torch.zeros(self.depth, B, H, n, dh, dtype=like.dtype, device=like.device)
         self.v_buf = torch.zeros_like(self.k_buf)
+        self._past_views.clear()
+        self._slot_views.clear()
+        self._shift_views.clear()
 
     def append(self, frame_kv: FrameKV) -> None:
         """Store ``frame_kv``'s frames in order: sink first until it has S frames, then rolling.
@@ -113,12 +125,18 @@ class KVCache:
 
     def _write(self, slot: int, fkv: FrameKV, f: int) -> None:
         assert self.k_buf is not None and self.v_buf is not None
-        T = self.tpf
-        dst = slice(slot * T, (slot + 1) * T)
-        src = slice(f * T, (f + 1) * T)
-        for layer, (k, v) in enumerate(fkv.kv):
-            self.k_buf[layer, :, :, dst].copy_(k[:, :, src])   # (B, H, T, dh)
-            self.v_buf[layer, :, :, dst].copy_(v[:, :, src])
+        dst = self._slot_views.get(slot)
+        if dst is None:                              # [k of every layer, v of every layer], each (B, H, T, dh)
+            sl = slice(slot * self.tpf, (slot + 1) * self.tpf)
+            dst = [self.k_buf[i, :, :, sl] for i in range(self.depth)] + \
+                  [self.v_buf[i, :, :, sl] for i in range(self.depth)]
+            self._slot_views[slot] = dst
+        if fkv.num_frames == 1:                      # the usual case: the FrameKV is that one frame
+            src = [k for k, _ in fkv.kv] + [v for _, v in fkv.kv]
+        else:
+            s = slice(f * self.tpf, (f + 1) * self.tpf)
+            src = [k[:, :, s] for k, _ in fkv.kv] + [v[:, :, s] for _, v in fkv.kv]
+        torch._foreach_copy_(dst, src)               # one dispatch for all layers (B, H, T, dh)
 
     def evict(self, keep: int | None = None) -> None:
         """Keep only the newest ``keep`` rolling frames (default L); the sink is never evicted.
@@ -131,22 +149,35 @@ class KVCache:
         if drop <= 0:
             return
         assert self.k_buf is not None and self.v_buf is not None
-        T, base = self.tpf, self.max_sink * self.tpf
-        for i in range(keep):                      # slot base+i <- slot base+i+drop
+        for i in range(keep):                      # slot S+i <- slot S+i+drop (in order: no overlap)
+            dst, src = self._shift(i, drop)
+            torch._foreach_copy_(dst, src)
+        self._rolling = keep
+
+    def _shift(self, i: int, drop: int) -> tuple[list[Tensor], list[Tensor]]:
+        """[k, v] views (depth, B, H, T, dh) of rolling slot i (destination) and slot i + drop (source)."""
+        views = self._shift_views.get((i, drop))
+        if views is None:
+            assert self.k_buf is not None and self.v_buf is not None
+            T, base = self.tpf, self.max_sink * self.tpf
             dst = slice(base + i * T, base + (i + 1) * T)
             src = slice(base + (i + drop) * T, base + (i + drop + 1) * T)
-            self.k_buf[:, :, :, dst].copy_(self.k_buf[:, :, :, src])
-            self.v_buf[:, :, :, dst].copy_(self.v_buf[:, :, :, src])
-        self._rolling = keep
+            views = ([self.k_buf[:, :, :, dst], self.v_buf[:, :, :, dst]],
+                     [self.k_buf[:, :, :, src], self.v_buf[:, :, :, src]])
+            self._shift_views[(i, drop)] = views
+        return views
 
     def past(self) -> PastKV:
         """Sink + rolling frames as the model's ``past`` (views into the buffers, oldest first)."""
         P = self.num_frames
         if self.k_buf is None or self.v_buf is None or P == 0:
             return PastKV([], 0)
-        n = P * self.tpf
-        return PastKV([(self.k_buf[layer, :, :, :n], self.v_buf[layer, :, :, :n])
-                       for layer in range(self.depth)], P)
+        kv = self._past_views.get(P)
+        if kv is None:
+            n = P * self.tpf
+            kv = [(self.k_buf[layer, :, :, :n], self.v_buf[layer, :, :, :n]) for layer in range(self.depth)]
+            self._past_views[P] = kv
+        return PastKV(list(kv), P)                   # a fresh list: callers may replace entries
 
     def reset(self) -> None:
         """Forget every frame (buffers are kept and reused)."""

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import masks
+from ..attention import prepare_mask
 from ..dit import WorldDiT
 from ..kv_cache import KVCache
 from ..schedule import renoise
@@ -97,6 +98,19 @@ class CachedHistory(History):
         self.cache = KVCache(model.cfg.depth, sink_frames, cache_frames, model.tokens_per_frame)
         self.fold = fold_rerun
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # x (1,1,C,h,w), t (1,1), u (1,1,4)
+        # folded-window masks, ready for attend (prepare_mask), per (P, F, dtype, device): a
+        # stream has a handful of shapes (warm-up, steady state), so the dict stays tiny
+        self._masks: dict[tuple[int, int, torch.dtype, torch.device], Tensor | None] = {}
+
+    def _fold_mask(self, past_frames: int, query_frames: int, like: Tensor) -> Tensor | None:
+        """``window_mask(P, F, T, clean_front=1)`` as the model will use it (shared: read-only)."""
+        key = (past_frames, query_frames, like.dtype, like.device)
+        if key not in self._masks:
+            if len(self._masks) >= 32:
+                self._masks.clear()                                   # a bound; never reached by a stream
+            m = masks.window_mask(past_frames, query_frames, self.model.tokens_per_frame, clean_front=1)
+            self._masks[key] = prepare_mask(m.to(like.device), like)
+        return self._masks[key]
 
     def _kept(self) -> bool:
         """Whether the next committed frame will be stored at all."""
@@ -134,7 +148,9 @@ class CachedHistory(History):
 
     def predict(self, x: Tensor, t: Tensor, controls: Tensor) -> Tensor:
         Fq = x.shape[0]
-        xq, tq, uq = x[None], t[None].to(x.dtype), controls[None].to(x.dtype)  # (1,F,C,h,w), (1,F), (1,F,4)
+        xq, tq, uq = x[None], t[None], controls[None]                # (1,F,C,h,w), (1,F), (1,F,4)
+        if tq.dtype != x.dtype or uq.dtype != x.dtype:
+            tq, uq = tq.to(x.dtype), uq.to(x.dtype)
         if self._pending is None:
             v = self.model(xq, tq, uq, past=self.cache.past())       # window sees everything: no mask
             self.num_forwards += 1
@@ -142,7 +158,7 @@ class CachedHistory(History):
         (px, pt, pu), self._pending = self._pending, None
         self._make_room()
         past = self.cache.past()
-        mask = masks.window_mask(past.num_frames, Fq, self.model.tokens_per_frame, clean_front=1).to(x.device)
+        mask = self._fold_mask(past.num_frames, Fq, x)
         v, fkv = self.model.forward_kv(torch.cat([px, xq], 1), torch.cat([pt, tq], 1),
                                        torch.cat([pu, uq], 1), past=past, mask=mask)  # (1, 1+F, C, h, w)
         self.num_forwards += 1
@@ -240,6 +256,9 @@ class StreamSampler(ABC):
                                   if cfg.use_cache else RecomputeHistory(model, cfg.sink_frames, cfg.cache_frames))
         self.generator: torch.Generator | None = None
         self.frames_emitted = 0
+        # device and dtype of the stream, fixed by start(): looking them up walks the model's
+        # modules (next(parameters())), several times a step otherwise
+        self._dev, self._dt = torch.device("cpu"), torch.float32
 
     @property
     def device(self) -> torch.device:
@@ -251,8 +270,7 @@ class StreamSampler(ABC):
 
     def _noise(self, *shape: int) -> Tensor:
         assert self.generator is not None, "call start() first"
-        return torch.randn(*shape, generator=self.generator, device=self.generator.device).to(
-            self.device, self.dtype)
+        return torch.randn(*shape, generator=self.generator, device=self.generator.device).to(self._dev, self._dt)
 
     def _commit(self, x0: Tensor, control: Tensor) -> None:
         """Write a clean frame (C, h, w) to the history, at noise context_t (noise drawn now)."""
@@ -271,12 +289,13 @@ class StreamSampler(ABC):
         self.generator = generator
         self.history.reset()
         self.frames_emitted = 0
-        context = context.to(self.device, self.dtype)
-        controls = controls.to(self.device, self.dtype)
+        self._dev, self._dt = self.device, self.dtype
+        context = context.to(self._dev, self._dt)
+        controls = controls.to(self._dev, self._dt)
         for i in range(context.shape[0]):
             self._commit(context[i], controls[i])
         last = controls[-1] if controls.shape[0] else torch.zeros(self.model.cfg.control_dim,
-                                                                  device=self.device, dtype=self.dtype)
+                                                                  device=self._dev, dtype=self._dt)
         self._warm_up(last)
 
     @torch.no_grad()
@@ -284,7 +303,7 @@ class StreamSampler(ABC):
         """Apply ``control`` (4,) and return the next clean latent frame (C, h, w)."""
         if self.generator is None:
             raise RuntimeError("StreamSampler.step called before start()")
-        out = self._step(control.to(self.device, self.dtype))
+        out = self._step(control.to(self._dev, self._dt))
         self.frames_emitted += 1
         return out
 

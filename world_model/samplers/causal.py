@@ -33,7 +33,7 @@ class CausalSampler(StreamSampler):
         return self.cfg.renoise == "ode"
 
     def _step(self, control: Tensor) -> Tensor:
-        lv = self.levels.to(self.device, self.dtype)
+        lv = self.levels.to(self._dev, self._dt)
         x = self._noise(*self._frame_shape)[None]                       # (1, C, h, w) at level 1
         u = control[None]                                               # (1, 4)
         x0 = x

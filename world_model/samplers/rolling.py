@@ -39,6 +39,7 @@ class RollingSampler(StreamSampler):
         super().__init__(model, cfg)
         self.W = cfg.steps
         self.levels = rolling_levels(self.W, cfg.shift)          # (W,) increasing, back = 1.0
+        self._levels = self.levels                               # on the stream's device/dtype (_warm_up)
         c = model.cfg
         self._frame_shape = (c.latent_channels, c.latent_res, c.latent_res)
         self.x: Tensor = torch.empty(0, *self._frame_shape)      # (k, C, h, w) window, front first
@@ -47,10 +48,11 @@ class RollingSampler(StreamSampler):
     def window_levels(self) -> Tensor:
         """(k,) noise levels of the k frames currently in the window (front first)."""
         k = self.x.shape[0]
-        return self.levels[self.W - k:].to(self.device, self.dtype)
+        return self._levels[self.W - k:]
 
     def _warm_up(self, control: Tensor) -> None:
-        self.x = self.x.new_empty(0, *self._frame_shape).to(self.device, self.dtype)
+        self._levels = self.levels.to(self._dev, self._dt)
+        self.x = self.x.new_empty(0, *self._frame_shape).to(self._dev, self._dt)
         self.u = control.new_empty(0, control.shape[0])
         for _ in range(self.W - 1):
             emitted = self._advance(control)
@@ -82,7 +84,7 @@ class RollingSampler(StreamSampler):
             self._commit(emitted, self.u[0])
             x0, self.x, self.u, v, tb = x0[1:], self.x[1:], self.u[1:], v[1:], tb[1:]
         k = x0.shape[0]
-        nxt = self.levels[self.W - 1 - k:self.W - 1].to(self.device, self.dtype)  # (k,) one level lower
+        nxt = self._levels[self.W - 1 - k:self.W - 1]                            # (k,) one level lower
         if self.cfg.renoise == "ode":
             eps = eps_from_v(self.x, tb, v)                                      # (k, C, h, w) predicted
         else:
