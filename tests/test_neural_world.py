@@ -23,14 +23,14 @@ from world_model.samplers import SamplerConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _save(path: Path, schema: ActionSchema = DEFAULT_SCHEMA) -> Path:
+def _save(path: Path, schema: ActionSchema = DEFAULT_SCHEMA, sampler_defaults: dict | None = None) -> Path:
     torch.manual_seed(0)
     codec = FrameCodec(CodecConfig(resolution=64, latent_channels=4, downsample=8, base_channels=8))
     dit = WorldDiT(ModelConfig(latent_channels=4, latent_res=8, patch=2, d_model=32, depth=2, heads=2))
     with torch.no_grad():  # wake the zero-initialised gates so controls change the output
         for p in dit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    save_checkpoint(path, codec, dit, schema, (64, 64))
+    save_checkpoint(path, codec, dit, schema, (64, 64), {"sampler_defaults": sampler_defaults or {}})
     return path
 
 
@@ -118,3 +118,19 @@ def test_play_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
     r = _play("source=neural", f"checkpoint={tmp_path}", "headless=true", "max_frames=2")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:")
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_played_sampler_is_the_checkpoints_defaults_under_the_chosen_preset(tmp_path: Path) -> None:
+    """conf/sampler/*.yaml leave fields null: the checkpoint's sampler_defaults fill them."""
+    import yaml
+    from world_model.neural_world import build_source
+
+    ck = _save(tmp_path / "tuned", sampler_defaults={"context_t": 0.2, "steps": 3, "no_longer_known": 1})
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/sampler/rolling.yaml").read_text())
+    world = build_source({"checkpoint": str(ck), "sampler": preset, "device": "cpu"})
+    assert world.cfg.sampler.context_t == 0.2 and world.cfg.sampler.steps == 3
+    assert world.cfg.sampler.name == "rolling" and world.cfg.sampler.sink_frames == SamplerConfig().sink_frames
+    causal = build_source({"checkpoint": str(ck), "sampler": {**preset, "name": "causal", "context_t": 0.0}})
+    assert causal.cfg.sampler.name == "causal" and causal.cfg.sampler.context_t == 0.0   # an override wins
+    with pytest.raises(ValueError, match="context_t"):
+        build_source({"checkpoint": str(ck), "sampler": {"context_t": 2.0}})

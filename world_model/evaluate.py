@@ -10,7 +10,6 @@ directory are used when recorded, otherwise regenerated (the classic game is det
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -35,7 +34,7 @@ from world_model.eval_report import markdown, write_plots
 from world_model.eval_streams import (Session, decode_frames, floor_reference, from_context_metrics, measure_latency,
                                       run_drift_stream, summarize_drift)
 from world_model.neural_world import NeuralConfig, NeuralWorld, classic_config_for
-from world_model.samplers import SamplerConfig, make_sampler
+from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -111,12 +110,7 @@ def resolve(node: Any, explicit: set[str] = frozenset()) -> EvalConfig:
 
 def sampler_config(ckpt: LoadedCheckpoint, cfg: EvalConfig, name: str) -> SamplerConfig:
     """The checkpoint's sampler defaults, then ``cfg.sampler``, then the variant ``name``."""
-    known = {f.name for f in dataclasses.fields(SamplerConfig)}
-    base = {k: v for k, v in (ckpt.config.get("sampler_defaults") or {}).items() if k in known}
-    mine = {k: v for k, v in cfg.sampler.items() if v is not None}
-    scfg = to_dataclass(SamplerConfig, {**base, **mine, **cfg.variants[name]}, f"evaluate config {name}")
-    scfg.validate()
-    return scfg
+    return resolve_sampler_config(ckpt.config.get("sampler_defaults"), cfg.sampler, cfg.variants[name])
 
 
 # ---------------------------------------------------------------------------- held-out data

@@ -27,8 +27,8 @@ from engine.classic_game import ClassicConfig, ClassicGame
 from engine.config import ConfigError, to_dataclass, to_plain
 from engine.source import Sensors
 from world_model.accel import FrameStager, WindowStep, prepare_for_device
-from world_model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
-from world_model.samplers import SamplerConfig, make_sampler
+from world_model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, read_config
+from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default"
 
@@ -134,8 +134,22 @@ class NeuralWorld:
 
 
 def build_source(node: Any) -> NeuralWorld:
-    """Registry factory (engine.sources): the ``source`` config node -> NeuralWorld."""
-    cfg = to_dataclass(NeuralConfig, node, "source")
+    """Registry factory (engine.sources): the ``source`` config node -> NeuralWorld.
+
+    The sampler is the checkpoint's ``sampler_defaults`` with the node's non-null
+    ``sampler`` keys on top (conf/sampler/*.yaml leave what they do not choose null), so
+    a checkpoint published with tuned settings plays with them unless told otherwise.
+    """
+    plain = dict(to_plain(node) if not isinstance(node, dict) else node)
+    sampler = plain.pop("sampler", None) or {}
+    if isinstance(sampler, SamplerConfig):
+        sampler = to_plain(sampler)
+    try:
+        defaults = read_config(plain.get("checkpoint") or DEFAULT_CHECKPOINT).get("sampler_defaults")
+    except CheckpointError:
+        defaults = None                       # NeuralWorld reports the bad checkpoint in one line
+    cfg = to_dataclass(NeuralConfig, plain, "source")
+    cfg.sampler = resolve_sampler_config(defaults, sampler)
     try:
         return NeuralWorld(cfg)
     except FileNotFoundError as e:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..dit import WorldDiT
-from .base import CachedHistory, History, RecomputeHistory, SamplerConfig, StreamSampler
+from .base import CachedHistory, History, RecomputeHistory, SamplerConfig, StreamSampler, resolve_sampler_config
 from .causal import CausalSampler
 from .rolling import RollingSampler
 from .teacher import TeacherSampler
@@ -24,4 +24,5 @@ def make_sampler(model: WorldDiT, cfg: SamplerConfig) -> StreamSampler:
 
 
 __all__ = ["SamplerConfig", "StreamSampler", "History", "CachedHistory", "RecomputeHistory",
-           "RollingSampler", "CausalSampler", "TeacherSampler", "SAMPLERS", "make_sampler"]
+           "RollingSampler", "CausalSampler", "TeacherSampler", "SAMPLERS", "make_sampler",
+           "resolve_sampler_config"]

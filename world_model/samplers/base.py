@@ -32,7 +32,8 @@ Randomness comes only from the generator given to ``start``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -67,6 +68,24 @@ class SamplerConfig:
                              f"{self.cache_frames})")
         if not 0.0 <= self.context_t < 1.0:
             raise ValueError(f"sampler.context_t must be in [0, 1), got {self.context_t}")
+
+
+def resolve_sampler_config(checkpoint_defaults: Mapping[str, Any] | None,
+                           *overrides: Mapping[str, Any] | None) -> SamplerConfig:
+    """SamplerConfig from a checkpoint's ``sampler_defaults``, then each override mapping in turn.
+
+    Keys a checkpoint stores that this engine does not know are dropped (older or newer
+    checkpoints); in overrides, None means "keep what came before" (so a preset can leave a
+    field to the checkpoint) and an unknown key is an error. The result is validated.
+    """
+    known = {f.name for f in fields(SamplerConfig)}
+    merged = {k: v for k, v in (checkpoint_defaults or {}).items() if k in known}
+    for layer in overrides:
+        merged.update({k: v for k, v in (layer or {}).items() if v is not None})
+    from engine.config import to_dataclass
+    cfg = to_dataclass(SamplerConfig, merged, "sampler")
+    cfg.validate()
+    return cfg
 
 
 class History(ABC):
