@@ -28,10 +28,10 @@ import torch
 from controllers.base import TickInput
 from controllers.explorer import ExplorerController
 from engine.actions import Action
+from engine.classic_game import ClassicConfig
 from engine.source import FrameSource
 from world_model.eval_metrics import (frame_mse, frechet_distance, mean_finite, pooled_psnr, pooled_psnr_of_mse,
                                       psnr, quality_score, ssim)
-from engine.classic_game import ClassicConfig
 from world_model.eval_probes import (ACTION_CLASSES, Probes, action_class, collect_real, effective_pairs,
                                      explorer_for)
 from world_model.samplers import StreamSampler
