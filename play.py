@@ -217,7 +217,6 @@ def run(root: DictConfig) -> dict[str, Any]:
     top = {k: v for k, v in OmegaConf.to_container(root, resolve=True).items()
            if k not in ("source", "controller", "sampler")}
     cfg = typed(PlayConfig, top, "play", prefix="")
-    keymap = load_keymap(_resolve_path(cfg.keymap))
     check: Optional[ReplayCheck] = None
     seed = cfg.seed
     if cfg.replay:
@@ -237,13 +236,16 @@ def run(root: DictConfig) -> dict[str, Any]:
                     node[key] = reader.meta[key]
             source = make_source(node, str(kind))
         source.schema.check_compatible(reader.schema, f"recording {cfg.replay}")
-        controller: Controller = ScriptedController.from_session(cfg.replay, source.schema)
+        controller: Controller = ScriptedController.from_reader(reader, source.schema)
         # every source is deterministic given its seed: compare the replay frame by frame
         recorded = reader.frames()
         expected = len(recorded) if not cfg.max_frames else min(len(recorded), cfg.max_frames + 1)
         check = ReplayCheck(recorded, expected)
     else:
         source = make_source(root.source)
+    # The keymap is read against the schema of the world it will drive.
+    keymap = load_keymap(_resolve_path(cfg.keymap), source.schema)
+    if not cfg.replay:
         controller = build_controller(root.controller, keymap, source.schema)
 
     if cfg.threaded is None:

@@ -40,7 +40,12 @@ class ScriptedController:
     def from_session(cls, path: Path | str, schema: ActionSchema = DEFAULT_SCHEMA,
                      name: str = "replay") -> "ScriptedController":
         """The actions of a recorded session, minus frame 0's no-op: step i gets actions[i], i >= 1."""
-        reader = SessionReader(path, schema)
+        return cls.from_reader(SessionReader(path, schema), schema, name)
+
+    @classmethod
+    def from_reader(cls, reader: SessionReader, schema: ActionSchema = DEFAULT_SCHEMA,
+                    name: str = "replay") -> "ScriptedController":
+        """As :meth:`from_session`, for a session already open (read once, not twice)."""
         _check_replayable(reader)
         return cls(reader.actions()[1:], schema, name)
 

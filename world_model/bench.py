@@ -23,7 +23,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +42,7 @@ from world_model.accel import FrameStager, WindowStep, describe, prepare_for_dev
 from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
 from world_model.dit import ModelConfig, WorldDiT  # noqa: E402
 from world_model.flops import FrameCost, ForwardTracer, counted_flops, matmul_peak_gflops  # noqa: E402
-from world_model.samplers import SAMPLERS, SamplerConfig, make_sampler  # noqa: E402
+from world_model.samplers import SAMPLERS, SamplerConfig, make_sampler, resolve_sampler_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("input", "window_forward", "cache_rerun", "sampler_other", "decode", "present")
@@ -155,8 +155,8 @@ class World:
         self.model, self.codec, self.dtype = prepare_for_device(model, codec, dev)
         self.device, self.source = dev, source
         self.step_model = WindowStep(model, accel)
-        known = {f.name for f in fields(SamplerConfig)} - {"name", "fold_rerun"}
-        self.sampler_defaults = {k: v for k, v in (sampler_defaults or {}).items() if k in known}
+        # The checkpoint's recommendation, as stored; resolve_sampler_config drops unknown keys.
+        self.sampler_defaults = dict(sampler_defaults or {})
         from engine.classic_game import ClassicConfig
         r = codec.cfg.resolution
         self.classic = classic or ClassicConfig(width=r, height=r)
@@ -374,8 +374,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         variants: list[Variant] = []
         for name in cfg.samplers:
             for fold in ((True, False) if cfg.fold_compare else (True,)):
-                scfg = to_dataclass(SamplerConfig, {**world.sampler_defaults, **cfg.sampler, "name": name,
-                                                    "fold_rerun": fold}, "bench sampler")
+                scfg = resolve_sampler_config(world.sampler_defaults, cfg.sampler,
+                                              {"name": name, "fold_rerun": fold})
                 teacher = name == "teacher"
                 n = (cfg.teacher_frames or cfg.frames) if teacher else cfg.frames
                 warm = min(cfg.warmup, scfg.sink_frames + scfg.cache_frames + 2) if teacher else cfg.warmup
@@ -404,7 +404,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 import pygame
                 pygame.display.quit()
     peak_1024 = matmul_peak_gflops(1024, 1024, 1024, world.device, world.dtype, cfg.peak_seconds)
-    m, k, n = world.model_gemm({**world.sampler_defaults, **cfg.sampler}.get("steps", SamplerConfig().steps))
+    m, k, n = world.model_gemm(resolve_sampler_config(world.sampler_defaults, cfg.sampler).steps)
     peak_model = matmul_peak_gflops(m, k, n, world.device, world.dtype, cfg.peak_seconds)
     peak = max(peak_1024, peak_model)
     samplers = {v.label: v.summary(peak) for v in variants if v.stream is not None}

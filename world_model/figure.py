@@ -71,8 +71,9 @@ def make_figure(cfg: FigureConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(out)
-    return {"out": str(out), "checkpoint": world.describe()["checkpoint_id"], "seeds": cfg.seeds,
-            "frames": frames, "sampler": world.describe()["sampler"]}
+    about = world.describe()
+    return {"out": str(out), "checkpoint": about["checkpoint_id"], "seeds": cfg.seeds,
+            "frames": frames, "sampler": about["sampler"]}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -30,19 +30,12 @@ class SoakConfig:
     seed: int = 100000
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MB (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    import os
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def soak(cfg: SoakConfig) -> dict[str, Any]:
     check_ranges(cfg, "soak", {"minutes": cfg.minutes > 0, "fps": cfg.fps > 0, "every": cfg.every >= 1,
                                "threads": cfg.threads >= 0})
     import torch
 
+    from world_model.bench import rss_mb
     from world_model.neural_world import build_source
 
     if cfg.threads:
@@ -60,10 +53,11 @@ def soak(cfg: SoakConfig) -> dict[str, Any]:
         if frames % cfg.every == 0 or frames == n:
             samples.append((frames, round(rss_mb(), 2)))
     seconds = time.perf_counter() - t0
+    about = world.describe()
     f, r = np.array([s[0] for s in samples], float), np.array([s[1] for s in samples], float)
     slope = float(np.polyfit(f, r, 1)[0]) * 1e4 if len(samples) > 1 else 0.0
     return {"frames": frames, "game_minutes": frames / cfg.fps / 60, "seconds": round(seconds, 1),
-            "fps_generated": round(frames / seconds, 2), "checkpoint": world.describe()["checkpoint_id"],
+            "fps_generated": round(frames / seconds, 2), "checkpoint": about["checkpoint_id"],
             "rss_first_mb": samples[0][1], "rss_last_mb": samples[-1][1], "rss_max_mb": float(r.max()),
             "growth_mb": round(samples[-1][1] - samples[0][1], 2), "slope_mb_per_10k_frames": round(slope, 3),
             "samples": samples}
