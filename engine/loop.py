@@ -27,7 +27,7 @@ from engine.clock import Clock, Pacer
 from engine.config import ConfigError
 from engine.hud import DurationQuantiles, FrameTimes, Hud, HudConfig, HudState
 from engine.input import InputState, Keymap, load_keymap
-from engine.producer import Produced, Producer, SyncProducer, ThreadedProducer
+from engine.producer import Produced, Producer, make_producer
 from engine.renderer import Renderer, save_screenshot
 from engine.source import FrameSource
 
@@ -101,11 +101,13 @@ class GameLoop:
         self.event_source = event_source
         self.input = InputState(keymap if keymap is not None else load_keymap(cfg.keymap, source.schema))
         self.hud = Hud(HudConfig(show=cfg.show_hud))
-        self.producer: Producer = (ThreadedProducer(source, cfg.queue_size) if cfg.threaded
-                                   else SyncProducer(source))
-        self.paced = cfg.pace if cfg.pace is not None else not cfg.headless
         # Live input devices get "newest action wins"; everything else runs in lockstep.
         self.interactive = bool(getattr(controller, "interactive", False))
+        # Pipelining pays only when actions arrive while a frame is in flight: in lockstep
+        # nothing overlaps, and its one-thread stages would be slower than one two-thread worker.
+        self.producer: Producer = make_producer(source, cfg.threaded, cfg.queue_size,
+                                                pipeline=self.interactive)
+        self.paced = cfg.pace if cfg.pace is not None else not cfg.headless
         self.paused = False
         self.smooth = cfg.smooth
         self.seed = cfg.seed

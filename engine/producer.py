@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -110,13 +110,17 @@ class ThreadedProducer:
         self._cond = threading.Condition()
         self._source_lock = threading.Lock()  # held while the source is stepped or reset
         self._pending: Optional[Action] = None
-        self._busy = False
+        self._inflight = 0  # actions taken by the worker whose frame is not yet queued or discarded
         self._epoch = 0  # bumped by reset: frames of the old world are discarded
         self._stop = False
         self._error: Optional[BaseException] = None
         self._sensors: Optional[Sensors] = None
-        self._thread = threading.Thread(target=self._run, name="frame-producer", daemon=True)
-        self._thread.start()
+        self._threads: list[threading.Thread] = []
+        self._start_threads()
+
+    def _start_threads(self) -> None:
+        self._threads.append(threading.Thread(target=self._run, name="frame-producer", daemon=True))
+        self._threads[-1].start()
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -128,30 +132,45 @@ class ThreadedProducer:
                     return
                 action, self._pending = self._pending, None
                 epoch = self._epoch
-                self._busy = True
+                self._inflight += 1
+            handed_over = False
             try:
-                with self._source_lock:
-                    if epoch != self._epoch:
-                        continue  # a reset happened since we took the action
-                    frame = self.source.step(action)
-                    sensors = self.source.sensors()
-                item = (epoch, Produced(frame, action, sensors))
-                while not self._stop:
-                    try:
-                        self._queue.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
+                handed_over = self._produce(epoch, action)
             except BaseException as e:  # handed to the loop thread, which re-raises it
-                with self._cond:
-                    self._error = e
-                    self._busy = False
-                    self._cond.notify_all()
+                self._fail(e)
                 return
             finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                if not handed_over:
+                    self._done()
+
+    def _produce(self, epoch: int, action: Action) -> bool:
+        """Step the source and queue the frame. True if the frame was handed to another
+        thread that will call ``_done`` for it (PipelinedProducer), False when finished here."""
+        with self._source_lock:
+            if epoch != self._epoch:
+                return False  # a reset happened since we took the action
+            frame = self.source.step(action)
+            sensors = self.source.sensors()
+        self._emit(epoch, Produced(frame, action, sensors))
+        return False
+
+    def _emit(self, epoch: int, item: Produced) -> None:
+        while not self._stop:
+            try:
+                self._queue.put((epoch, item), timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _done(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
+
+    def _fail(self, e: BaseException) -> None:
+        with self._cond:
+            self._error = e
+            self._cond.notify_all()
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -185,10 +204,15 @@ class ThreadedProducer:
             self._pending = action  # supersedes an action the worker has not started
             self._cond.notify_all()
 
+    def ready_for_action(self) -> bool:
+        """True when the worker has taken every submitted action: a submit now supersedes nothing."""
+        with self._cond:
+            return self._pending is None
+
     def accepting(self) -> bool:
         """True when nothing is in flight: no pending action, the worker idle, every frame collected."""
         with self._cond:
-            return self._pending is None and not self._busy and self._queue.empty()
+            return self._pending is None and self._inflight == 0 and self._queue.empty()
 
     def poll(self, timeout: float = 0.0) -> Optional[Produced]:
         """The oldest finished frame; waits up to ``timeout`` s for one (0 = never waits)."""
@@ -217,7 +241,7 @@ class ThreadedProducer:
             while (p := self.poll()) is not None:
                 out.append(p)
             with self._cond:
-                done = ((self._pending is None and not self._busy and self._queue.empty())
+                done = ((self._pending is None and self._inflight == 0 and self._queue.empty())
                         or self._error is not None or self._stop)
                 if not done:
                     self._cond.wait(timeout=0.05)
@@ -235,4 +259,83 @@ class ThreadedProducer:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=5.0)
+        for t in self._threads:
+            t.join(timeout=5.0)
+
+
+class StagedSource(FrameSource, Protocol):
+    """A source whose ``step`` is two stages, ``render(step_latent(action))`` (NeuralWorld)."""
+
+    pipelined: bool  # whether it wants to be run by a PipelinedProducer when threaded
+
+    def step_latent(self, action: Action) -> Any: ...
+    def render(self, latent: Any) -> np.ndarray: ...
+    def begin_pipeline(self) -> None: ...
+    def end_pipeline(self) -> None: ...
+
+
+class PipelinedProducer(ThreadedProducer):
+    """ThreadedProducer with the source's two stages on two threads: while frame n is
+    rendered (decoded), the model already makes frame n+1.
+
+    Throughput is set by the slower stage instead of the sum of both; a frame's own latency
+    is unchanged (it still passes both stages in order). Every guarantee of ThreadedProducer
+    holds: frames come out in step order with the action that produced them, a reset
+    discards frames of the old world (in either stage), ``accepting`` is True only when
+    nothing is in either stage, and an error in either thread is re-raised in the loop.
+    """
+
+    def __init__(self, source: StagedSource, queue_size: int = 2) -> None:
+        self._mid: "queue.Queue[tuple[int, Any, Action, Optional[Sensors]]]" = queue.Queue(maxsize=1)
+        self._render_lock = threading.Lock()
+        super().__init__(source, queue_size)
+
+    def _start_threads(self) -> None:
+        self.source.begin_pipeline()  # type: ignore[attr-defined]  # before the threads' first op
+        super()._start_threads()
+        self._threads.append(threading.Thread(target=self._run_render, name="frame-render", daemon=True))
+        self._threads[-1].start()
+
+    def _produce(self, epoch: int, action: Action) -> bool:
+        with self._source_lock:
+            if epoch != self._epoch:
+                return False
+            latent = self.source.step_latent(action)  # type: ignore[attr-defined]
+            sensors = self.source.sensors()
+        while not self._stop:
+            try:
+                self._mid.put((epoch, latent, action, sensors), timeout=0.05)
+                return True  # _run_render calls _done for it
+            except queue.Full:
+                continue
+        return False
+
+    def _run_render(self) -> None:
+        while not self._stop:
+            try:
+                epoch, latent, action, sensors = self._mid.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            try:
+                if epoch == self._epoch:  # else a reset came after this step: drop it
+                    with self._render_lock:
+                        frame = self.source.render(latent)  # type: ignore[attr-defined]
+                    self._emit(epoch, Produced(frame, action, sensors))
+            except BaseException as e:
+                self._fail(e)
+                return
+            finally:
+                self._done()
+
+    def close(self) -> None:
+        super().close()
+        self.source.end_pipeline()  # type: ignore[attr-defined]
+
+
+def make_producer(source: FrameSource, threaded: bool, queue_size: int = 2, pipeline: bool = True) -> Producer:
+    """SyncProducer, or a worker thread: PipelinedProducer when ``pipeline`` and the source asks for it."""
+    if not threaded:
+        return SyncProducer(source)
+    if pipeline and getattr(source, "pipelined", False) and hasattr(source, "step_latent"):
+        return PipelinedProducer(source, queue_size)  # type: ignore[arg-type]
+    return ThreadedProducer(source, queue_size)

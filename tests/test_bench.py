@@ -47,7 +47,8 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.md"
     rc = bench.main([f"checkpoint={tiny_ckpt}", "frames=10", "warmup=2", "teacher_frames=3", "threads=1",
-                     "sampler.teacher_steps=3", "peak_seconds=0.002", f"out={out}", "append=true"])
+                     "sampler.teacher_steps=3", "peak_seconds=0.002", f"out={out}", "append=true",
+                     "producer_frames=6", "producer_blocks=2"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)          # ONE JSON object on stdout
     for key in ("machine", "accel", "model", "renderer", "peak_gflops", "classic", "samplers", "fold_rerun",
@@ -75,7 +76,15 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
     assert set(res["fold_rerun"]) == {"rolling", "causal", "teacher"}
     assert {"peak_rss_mb", "rss_after_warmup_mb", "rss_end_mb", "growth_mb"} <= set(res["memory"])
     assert res["classic"]["game_ms"]["p50"] > 0
+    pr = res["producers"]                              # the engine's producers, side by side
+    for name in ("sequential", "pipelined"):
+        v = pr[name]
+        assert v["fps_generated"] > 0 and v["mfu_frame"] > 0 and len(v["block_fps"]) == 2
+        assert set(v["interval_ms"]) == set(v["submit_to_frame_ms"]) == {"p50", "p95", "p99"}
+    assert pr["pipelined_over_sequential_fps"] > 0 and pr["sampler"]["steps"] == 3
+    assert torch.get_num_threads() == 1                # restored after the pipelined blocks
     text = out.read_text()
+    assert "| pipelined |" in text and "| sequential |" in text
     assert "| rolling |" in text and "| teacher_nofold |" in text and "Classic game floor" in text
 
 

@@ -1,7 +1,7 @@
 """The real-time budget of the neural world: ``python -m world_model.bench`` prints ONE JSON object.
 
     python -m world_model.bench [checkpoint=PATH] [samplers=[rolling,causal,teacher]] [frames=300]
-        [warmup=30] [threads=2] [scaling=false] [out=docs/benchmarks.md] [append=true]
+        [warmup=30] [threads=2] [producers=true] [scaling=false] [out=docs/benchmarks.md] [append=true]
         [sampler.steps=4 ...] [device=cpu|cuda|auto] [accel=auto|eager|static|cuda_graph|compile]
 
 Every sampler (with its ``fold_rerun=False`` twin) and the classic game (the
@@ -64,6 +64,9 @@ class BenchConfig:
     accel: str = "auto"                  # world_model.accel.WindowStep mode
     sampler: dict[str, Any] = field(default_factory=dict)  # SamplerConfig overrides (steps=, sink_frames=)
     peak_seconds: float = 0.05           # time per round of the matmul peak measurement
+    producers: bool = True               # engine producers side by side: sequential vs pipelined (bench_producer)
+    producer_frames: int = 300           # timed frames per block and variant
+    producer_blocks: int = 3             # alternating blocks per variant
     scaling: bool = False                # add the resolution / window / sink / cache / model sweep
     scaling_frames: int = 40
     scaling_model: str = "small"         # model preset of the scaling baseline
@@ -80,6 +83,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
         raise ConfigError(f"invalid bench config: samplers {unknown}; choose from {sorted(SAMPLERS)}")
     check_ranges(cfg, "bench", {"frames": cfg.frames >= 1, "warmup": cfg.warmup >= 0, "threads": cfg.threads >= 0,
                                 "teacher_frames": cfg.teacher_frames >= 0, "scaling_frames": cfg.scaling_frames >= 1,
+                                "producer_frames": cfg.producer_frames >= 2, "producer_blocks": cfg.producer_blocks >= 1,
                                 "device": cfg.device in ("cpu", "cuda", "auto")})
     to_dataclass(SamplerConfig, cfg.sampler, "bench sampler").validate()
     return cfg
@@ -436,7 +440,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "memory": {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                    "rss_after_warmup_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
                    "growth_mb": round(rss1 - rss0, 2)},
-        "scaling": None}
+        "producers": None, "scaling": None}
 
 
 # ----------------------------------------------------------------------------- scaling sweep
@@ -543,6 +547,18 @@ def markdown(res: dict[str, Any]) -> str:
     for name, f in res["fold_rerun"].items():
         out.append(f"fold_rerun {name}: off/on = {f['off_over_on']} ({f['forwards_per_frame_off']} vs "
                    f"{f['forwards_per_frame_on']} forwards per frame).")
+    pr = res.get("producers")
+    if pr:
+        out += [f"\nProducers (the engine's ThreadedProducer / PipelinedProducer, frames pulled flat out, "
+                f"{pr['blocks']} alternating blocks of {pr['frames_per_block']} frames; pipelined / sequential "
+                f"= {pr['pipelined_over_sequential_fps']}):\n",
+                "| producer | fps gen | interval p50 / p95 / p99 ms | submit→frame p50 / p95 ms | MFU frame "
+                "| fps per block |", "|" + "---|" * 6]
+        for name in ("sequential", "pipelined"):
+            v = pr[name]
+            iv, lt = v["interval_ms"], v["submit_to_frame_ms"]
+            out.append(f"| {name} | {v['fps_generated']} | {iv['p50']} / {iv['p95']} / {iv['p99']} "
+                       f"| {lt['p50']} / {lt['p95']} | {v.get('mfu_frame', 'n/a')} | {v['block_fps']} |")
     sc = res.get("scaling")
     if sc:
         out += [f"\nScaling (random init, base {sc['base']}): {sc['verdict']}.\n",
@@ -560,6 +576,13 @@ def bench(argv: list[str]) -> dict[str, Any]:
     """Parse, run every variant (and the sweep), append the markdown table; the JSON result."""
     cfg = parse_args(argv)
     result = run(cfg)
+    if cfg.producers and cfg.device == "cpu" and result["model"]["source"].startswith("checkpoint"):
+        from world_model.bench_producer import measure_producers
+        fl = (result["samplers"].get("rolling") or {}).get("flops") or {}
+        per_frame = (fl["dit_gflop_per_frame"] + fl["decode_gflop_per_frame"]) * 1e9 if fl else None
+        result["producers"] = measure_producers(cfg.checkpoint, cfg.producer_frames, cfg.warmup,
+                                                cfg.producer_blocks, cfg.threads, cfg.seed, per_frame,
+                                                result["peak_gflops"]["used"])
     if cfg.scaling:
         result["scaling"] = run_scaling(cfg.scaling_frames, min(cfg.warmup, 10), cfg.scaling_model,
                                         cfg.device, cfg.seed)

@@ -15,12 +15,14 @@ the context.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from engine.actions import DEFAULT_SCHEMA, Action, ActionSchema
 from engine.classic_game import ClassicConfig, ClassicGame
@@ -40,7 +42,8 @@ class NeuralConfig:
     device: str = "auto"               # auto | cpu | cuda
     context_frames: int = 0            # real frames that start a stream; 0 = sink + cache frames
     shadow: bool = True                # step a classic game alongside (sensors, ground truth)
-    threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
+    threads: int = 0                   # torch intra-op threads; 0 = leave torch's default (1 if pipelined)
+    pipeline: str = "auto"             # auto | on | off: decode frame n while the model makes frame n+1
     accel: str = "auto"                # world_model.accel.WindowStep mode (CUDA graphs on CUDA; eager on CPU)
 
 
@@ -70,9 +73,19 @@ class NeuralWorld:
                  checkpoint: Optional[LoadedCheckpoint] = None) -> None:
         self.cfg = cfg
         self.schema = schema
+        self.device = _device(cfg.device)
+        if cfg.pipeline not in ("auto", "on", "off"):
+            raise ConfigError(f"invalid source config: pipeline must be auto, on or off, not {cfg.pipeline!r}")
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.device = _device(cfg.device)
+        # Whether a threaded producer should run step_latent and render on two threads
+        # (engine.producer.PipelinedProducer): by default on a CPU with >= 2 cores. One
+        # frame's GEMMs are too small to split across cores (the forward is only ~1.1x
+        # faster on 2 threads than on 1), so the second core is better spent decoding the
+        # previous frame.
+        self.pipelined = cfg.pipeline == "on" or (cfg.pipeline == "auto" and self.device.type == "cpu"
+                                                   and (os.cpu_count() or 1) >= 2)
+        self._threads_before: Optional[int] = None
         path = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
         self.ckpt = checkpoint or load_checkpoint(path, schema)
         # bf16 + CUDA graphs + pinned upload on CUDA; fp32 eager on CPU (bf16 is slower there)
@@ -108,19 +121,45 @@ class NeuralWorld:
         self.sampler.start(z, controls, gen)
         return frames[-1]
 
-    @torch.inference_mode()
     def step(self, action: Action) -> np.ndarray:
+        return self.render(self.step_latent(action))                            # (H, W, 3) uint8
+
+    # Two stages of ``step`` (engine.producer.PipelinedProducer runs them on two threads):
+    # the model's step, then the decode. Each call of step_latent must be rendered once, in order.
+    @torch.inference_mode()
+    def step_latent(self, action: Action) -> Tensor:
+        """Advance the stream by one frame; its latent (C, h, w), owned by the caller."""
         if self._seed is None:
             raise RuntimeError("NeuralWorld.step called before reset(seed)")
         if self.cfg.shadow:
             self._truth = self.shadow.step(action)
         control = torch.from_numpy(action.controls()).to(self.device)          # (4,)
-        return self.stager(self.sampler.step(control))                         # (H, W, 3) uint8
+        return self.sampler.step(control).clone()   # the sampler may reuse its buffer next step
+
+    @torch.inference_mode()
+    def render(self, z: Tensor) -> np.ndarray:
+        """Decode a latent of ``step_latent`` to an (H, W, 3) uint8 frame."""
+        return self.stager(z)
+
+    def begin_pipeline(self) -> None:
+        """Called before the two pipeline threads start: one torch thread per stage on CPU
+        (unless ``threads=`` was given). Two stages of 2 threads each would oversubscribe
+        the cores, and OpenMP's spin-waiting makes that many times slower, not 2x."""
+        if self.device.type == "cpu" and self.cfg.threads == 0 and self._threads_before is None:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def end_pipeline(self) -> None:
+        """After the pipeline threads stopped: torch's thread count as before ``begin_pipeline``."""
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def describe(self) -> dict[str, Any]:
         return {"source": "neural", "seed": self._seed, "checkpoint": str(self.ckpt.path),
                 "checkpoint_id": self.ckpt.id, "sampler": to_plain(self.cfg.sampler),
-                "context_frames": self.context_frames}
+                "context_frames": self.context_frames, "pipelined": self.pipelined,
+                "threads": torch.get_num_threads()}
 
     def sensors(self) -> Optional[Sensors]:
         """The shadow classic game's sensors (what the real maze would say under the same actions)."""
