@@ -264,7 +264,8 @@ class ThreadedProducer:
 
 
 class StagedSource(FrameSource, Protocol):
-    """A source whose ``step`` is two stages, ``render(step_latent(action))`` (NeuralWorld)."""
+    """A source whose ``step`` is two stages, ``render(step_latent(action))`` (NeuralWorld);
+    ``sensors()`` describe the newest rendered frame."""
 
     pipelined: bool  # whether it wants to be run by a PipelinedProducer when threaded
 
@@ -301,10 +302,9 @@ class PipelinedProducer(ThreadedProducer):
             if epoch != self._epoch:
                 return False
             latent = self.source.step_latent(action)  # type: ignore[attr-defined]
-            sensors = self.source.sensors()
         while not self._stop:
             try:
-                self._mid.put((epoch, latent, action, sensors), timeout=0.05)
+                self._mid.put((epoch, latent, action), timeout=0.05)
                 return True  # _run_render calls _done for it
             except queue.Full:
                 continue
@@ -313,19 +313,28 @@ class PipelinedProducer(ThreadedProducer):
     def _run_render(self) -> None:
         while not self._stop:
             try:
-                epoch, latent, action, sensors = self._mid.get(timeout=0.05)
+                epoch, latent, action = self._mid.get(timeout=0.05)
             except queue.Empty:
                 continue
             try:
-                if epoch == self._epoch:  # else a reset came after this step: drop it
-                    with self._render_lock:
+                with self._render_lock:
+                    # Checked under the lock that reset() also takes: a frame of the old
+                    # world is never rendered after the reset (render may touch source state).
+                    fresh = epoch == self._epoch
+                    if fresh:
                         frame = self.source.render(latent)  # type: ignore[attr-defined]
+                        sensors = self.source.sensors()
+                if fresh:
                     self._emit(epoch, Produced(frame, action, sensors))
             except BaseException as e:
                 self._fail(e)
                 return
             finally:
                 self._done()
+
+    def reset(self, seed: int) -> np.ndarray:
+        with self._render_lock:       # the epoch moves on before this lock is released
+            return super().reset(seed)
 
     def close(self) -> None:
         super().close()

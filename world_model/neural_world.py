@@ -125,20 +125,23 @@ class NeuralWorld:
         return self.render(self.step_latent(action))                            # (H, W, 3) uint8
 
     # Two stages of ``step`` (engine.producer.PipelinedProducer runs them on two threads):
-    # the model's step, then the decode. Each call of step_latent must be rendered once, in order.
+    # the model's step, then the decode and the shadow game (both cheap next to the model
+    # step, so the slower stage stays as short as it can be). Each call of step_latent must
+    # be rendered once, in order; sensors() describe the newest rendered frame.
     @torch.inference_mode()
-    def step_latent(self, action: Action) -> Tensor:
-        """Advance the stream by one frame; its latent (C, h, w), owned by the caller."""
+    def step_latent(self, action: Action) -> tuple[Tensor, Action]:
+        """Advance the stream by one frame: (its latent (C, h, w), owned by the caller, action)."""
         if self._seed is None:
             raise RuntimeError("NeuralWorld.step called before reset(seed)")
-        if self.cfg.shadow:
-            self._truth = self.shadow.step(action)
         control = torch.from_numpy(action.controls()).to(self.device)          # (4,)
-        return self.sampler.step(control).clone()   # the sampler may reuse its buffer next step
+        return self.sampler.step(control).clone(), action   # the sampler may reuse its buffer
 
     @torch.inference_mode()
-    def render(self, z: Tensor) -> np.ndarray:
-        """Decode a latent of ``step_latent`` to an (H, W, 3) uint8 frame."""
+    def render(self, latent: tuple[Tensor, Action]) -> np.ndarray:
+        """Decode a latent of ``step_latent`` to an (H, W, 3) uint8 frame; step the shadow game."""
+        z, action = latent
+        if self.cfg.shadow:
+            self._truth = self.shadow.step(action)
         return self.stager(z)
 
     def begin_pipeline(self) -> None:
