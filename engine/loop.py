@@ -71,6 +71,7 @@ class LoopStats:
     seed: int = 0               # seed of the world at exit
     sessions: list[str] = field(default_factory=list)
     screenshots: list[str] = field(default_factory=list)
+    producer: str = ""          # SyncProducer | ThreadedProducer | PipelinedProducer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,4 +262,4 @@ class GameLoop:
             frame_ms_p50=all_ms.quantile(0.5), frame_ms_p95=all_ms.quantile(0.95),
             late_frames=self.late_frames, session=self.sessions[-1] if self.sessions else None,
             produced=self.produced, seed=self.seed, sessions=list(self.sessions),
-            screenshots=list(self.screenshots))
+            screenshots=list(self.screenshots), producer=type(self.producer).__name__)

@@ -133,6 +133,7 @@ class ThreadedProducer:
                 action, self._pending = self._pending, None
                 epoch = self._epoch
                 self._inflight += 1
+                self._cond.notify_all()  # wait_for_progress: the action slot is free again
             handed_over = False
             try:
                 handed_over = self._produce(epoch, action)
@@ -158,6 +159,8 @@ class ThreadedProducer:
         while not self._stop:
             try:
                 self._queue.put((epoch, item), timeout=0.05)
+                with self._cond:
+                    self._cond.notify_all()  # wait_for_progress: a frame is ready
                 return
             except queue.Full:
                 continue
@@ -208,6 +211,13 @@ class ThreadedProducer:
         """True when the worker has taken every submitted action: a submit now supersedes nothing."""
         with self._cond:
             return self._pending is None
+
+    def wait_for_progress(self, timeout: float) -> None:
+        """Sleep until a frame is ready or the action slot is free (or ``timeout`` s pass):
+        a client that keeps the worker fed without polling on a timer (benchmarks)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending is None or not self._queue.empty()
+                                or self._error is not None or self._stop, timeout=timeout)
 
     def accepting(self) -> bool:
         """True when nothing is in flight: no pending action, the worker idle, every frame collected."""

@@ -139,6 +139,7 @@ def test_the_loop_pipelines_live_input_only() -> None:
                         NullRenderer(), recorder_factory=lambda s: recs.append(ListRecorder(s)) or recs[-1])
         assert type(loop.producer) is kind
         stats = loop.run()
+        assert stats.producer == kind.__name__                    # reported in play.py's JSON line
         rows = recs[0].rows
         assert stats.produced >= 1 and len(rows) == stats.produced + 1
         assert [r[1] for r in rows[1:]] == src.actions           # frame i <- the action that produced it

@@ -9,9 +9,10 @@
 
 Both drive the same ``NeuralWorld`` as ``play.py`` (rolling sampler with the checkpoint's
 defaults, shadow game on). A driver pulls frames as fast as the producer delivers them:
-it submits the next action once the worker has taken the previous one (so the
-worker waits at most ~2 ms for input and no action is superseded), sleeping in ``poll`` in
-between. Blocks of the two variants alternate, so drift in the machine's speed hits both.
+it submits the next action as soon as the worker has taken the previous one (so the
+worker never waits for input and no action is superseded) and otherwise sleeps until the
+producer reports progress (a frame, or a free action slot), never on a timer. Blocks of the
+two variants alternate, so drift in the machine's speed hits both.
 
 Per variant: generated frames/s, the interval between frames (p50/p95/p99) and the
 latency from an action's submit to its frame. With frames pulled flat out, that latency
@@ -50,9 +51,14 @@ def _block(producer: ThreadedProducer, frames: int, warmup: int, seed: int) -> t
             in_flight.append((a, time.perf_counter()))
             producer.submit(a)
             sent += 1
-        p = producer.poll(timeout=0.002)          # wakes at a frame, else after 2 ms to feed the worker
+        p = producer.poll()
         if p is None:
-            continue
+            if sent < total:                      # the slot is taken: sleep until a frame or a free slot
+                producer.wait_for_progress(timeout=0.05)
+                continue
+            p = producer.poll(timeout=0.05)       # all submitted: sleep until the next frame
+            if p is None:
+                continue
         now = time.perf_counter()
         a, t_sub = in_flight.popleft()
         if p.action is not a:

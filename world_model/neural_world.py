@@ -161,8 +161,7 @@ class NeuralWorld:
     def describe(self) -> dict[str, Any]:
         return {"source": "neural", "seed": self._seed, "checkpoint": str(self.ckpt.path),
                 "checkpoint_id": self.ckpt.id, "sampler": to_plain(self.cfg.sampler),
-                "context_frames": self.context_frames, "pipelined": self.pipelined,
-                "threads": torch.get_num_threads()}
+                "context_frames": self.context_frames, "pipeline": self.cfg.pipeline}
 
     def sensors(self) -> Optional[Sensors]:
         """The shadow classic game's sensors (what the real maze would say under the same actions)."""
