@@ -268,7 +268,8 @@ def run(root: DictConfig) -> dict[str, Any]:
            "fps": round(stats.fps, 2), "frame_ms_p50": round(stats.frame_ms_p50, 3),
            "frame_ms_p95": round(stats.frame_ms_p95, 3), "late_frames": stats.late_frames,
            "session": stats.session, "source": source.describe().get("source"), "seed": seed,
-           "controller": controller.name, "renderer": renderer.name, "threaded": cfg.threaded}
+           "controller": controller.name, "renderer": renderer.name, "threaded": cfg.threaded,
+           "producer": stats.producer}
     desc = source.describe()
     if desc.get("checkpoint_id") is not None:       # which dream was played
         out["checkpoint_id"] = desc["checkpoint_id"]

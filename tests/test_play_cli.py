@@ -83,6 +83,7 @@ def test_no_arguments_dreams_with_the_shipped_checkpoint(tmp_path: Path) -> None
     meta = json.loads((ROOT / "assets" / "default" / "config.json").read_text())
     assert out["source"] == "neural" and out["produced"] == 6 and out["threaded"] is True
     assert out["checkpoint_id"] == meta["id"] and out["sampler"] == "rolling"
+    assert out["producer"] == "ThreadedProducer"        # lockstep explorer: nothing could overlap
 
 
 def test_chosen_source_reads_overrides_and_the_yaml_default() -> None:
