@@ -14,7 +14,7 @@ from controllers.keyboard import KeyboardController
 from engine.actions import Action
 from engine.clock import FakeClock, Pacer
 from engine.loop import GameLoop, LoopConfig
-from engine.producer import SyncProducer, ThreadedProducer
+from engine.producer import SyncProducer
 from engine.renderer import NullRenderer
 from tests.conftest import FakeSource, PostedEvents, key_event
 
@@ -206,23 +206,6 @@ def test_worker_exception_is_raised_in_the_loop() -> None:
     with pytest.raises(ValueError, match="fake source exploded at step 3"):  # the worker's own error
         GameLoop(src, Turner(), LoopConfig(max_frames=100, headless=True, threaded=True), FakeClock(),
                  NullRenderer()).run()
-
-
-def test_threaded_reset_discards_frames_of_the_old_world() -> None:
-    src = FakeSource(delay=0.02)
-    p = ThreadedProducer(src, queue_size=2)
-    try:
-        p.reset(1)
-        p.submit(Action.make(["turn_right"]))
-        time.sleep(0.005)                                    # the worker is mid-step
-        frame0 = p.reset(2)
-        assert p.poll(timeout=0.1) is None                   # the old world's frame is dropped
-        p.submit(Action.make(["forward"]))
-        got = p.poll(timeout=1.0)
-        assert got is not None and got.action.buttons == {"forward"}
-        assert got.frame[0, 0, 1] == frame0[0, 0, 1] == 80   # seed 2's green
-    finally:
-        p.close()
 
 
 def test_sync_producer_steps_once_per_submission() -> None:

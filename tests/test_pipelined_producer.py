@@ -148,13 +148,15 @@ def test_the_loop_pipelines_live_input_only() -> None:
         assert all(np.array_equal(f, r[0]) for f, r in zip(frames, rows))
 
 
-def test_reset_discards_frames_in_either_stage() -> None:
-    src = StagedFake(delay=0.02)
-    p = PipelinedProducer(src, queue_size=2)
+@pytest.mark.parametrize("kind", [ThreadedProducer, PipelinedProducer])
+def test_reset_discards_frames_of_the_old_world(kind: type) -> None:
+    """Either producer; for the pipelined one the old frame may be in either stage."""
+    src = StagedFake(delay=0.02) if kind is PipelinedProducer else FakeSource(delay=0.02)
+    p = kind(src, queue_size=2)
     try:
         p.reset(1)
         p.submit(Action.make(["turn_right"]))
-        threading.Event().wait(0.005)                          # mid-step
+        threading.Event().wait(0.005)                          # the worker is mid-step
         frame0 = p.reset(2)
         assert p.poll(timeout=0.2) is None                     # the old world's frame never comes out
         assert p.accepting()
