@@ -19,7 +19,8 @@ from world_model import masks
 from world_model.checkpoint import load_checkpoint, save_checkpoint
 from world_model.codec import FrameCodec
 from world_model.ddp import DistInfo
-from world_model.distill import DistillStageConfig, DistillTask, frame_histories, score_velocity
+from world_model.distill import (DistillStageConfig, DistillTask, frame_histories, score_velocity,
+                                 truth_windows)
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.dmd import flow_matching_loss
 from world_model.samplers import SamplerConfig, make_sampler
@@ -187,6 +188,55 @@ def test_cli_distill_runs_exports_and_resumes_exactly(data: Path, teacher: Path,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_truth_windows_start_right_after_each_frames_history() -> None:
+    """The recorded window a truth loss targets begins at the frame whose history it is given."""
+    F0, N, S, L, W = 3, 5, 1, 2, 3
+    stream = torch.arange(F0 + N + W - 1, dtype=torch.float32)[None, :, None, None, None]  # value = index
+    hist, _ = frame_histories(stream[:, :F0 + N], torch.zeros(1, F0 + N, 4), F0, S, L)
+    picks = torch.tensor([[4, 0, 2]])
+    idx = truth_windows(F0, N, W, picks)                                       # (1, 3, W)
+    for j, p in enumerate(picks[0].tolist()):
+        h = hist[0, p, :, 0, 0, 0].tolist()
+        assert h == [0.0] + [float(F0 + p - L + i) for i in range(L)]          # sink, then the L before
+        assert idx[0, j].tolist() == [F0 + p + i for i in range(W)]            # then the frame itself on
+        assert idx[0, j, 0] == h[-1] + 1
+    assert stream[0, idx.max(), 0, 0, 0] == F0 + N + W - 2                     # inside a rollout clip
+    with pytest.raises(ValueError, match="picks"):
+        truth_windows(F0, N, W, torch.tensor([[N]]))
+
+
+def test_truth_only_trains_the_student_every_step_and_never_the_critic(data: Path, teacher: Path,
+                                                                       tmp_path: Path) -> None:
+    stage = DistillStageConfig(**{**STAGE.__dict__, "dmd_weight": 0.0, "truth_weight": 1.0,
+                                  "truth_frames": 2, "context_t": 0.2})
+    task = DistillTask(stage, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
+    assert task.rollout_cfg.context_t == 0.2 and task.sampler_defaults["context_t"] == 0.2
+    ref = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    Trainer(task, _loop(2), tmp_path).run()
+    assert not all(torch.equal(v, ref[k]) for k, v in task.model.dit.state_dict().items())
+    assert all(torch.equal(v, ref[k]) for k, v in task.model.critic.state_dict().items())
+    rows = _rows(tmp_path)
+    assert all(float(r["grad_norm_generator"]) > 0 and float(r["grad_norm_critic"]) == 0 for r in rows)
+    assert all(float(r["truth_loss"]) > 0 and r["critic_loss"] == "nan" for r in rows)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_truth_loss_targets_the_recorded_frames(data: Path, teacher: Path, tmp_path: Path, causal: bool) -> None:
+    """Changing the recorded frames after the context changes the loss; the history is detached."""
+    stage = DistillStageConfig(**{**STAGE.__dict__, "dmd_weight": 0.0, "truth_weight": 1.0,
+                                  "truth_frames": 3, "p_causal": float(causal)})
+    task = DistillTask(stage, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
+    batch = task.clips.next()
+    ro, hist, hist_u, m = task.rollout(task.model.dit, batch, 0, grad=False)
+    assert m["causal"] == float(causal) and not hist.requires_grad
+    a = task.truth_loss(task.model.dit, batch, hist, hist_u, 0, causal)
+    assert a.requires_grad and a.item() > 0
+    torch.testing.assert_close(task.truth_loss(task.model.dit, batch, hist, hist_u, 0, causal), a)
+    batch.latents[:, task.F0:] += 3.0                                          # other recorded frames
+    b = task.truth_loss(task.model.dit, batch, hist, hist_u, 0, causal)
+    assert abs(b.item() - a.item()) > 1e-3
+
+
 def test_distill_refuses_bad_set_ups(data: Path, teacher: Path, tmp_path: Path) -> None:
     from world_model.train import STAGES
     cfg = OmegaConf.create({"stage": {"name": "distill"}, "teacher": None, "data": str(data), "out": str(tmp_path),
@@ -195,6 +245,10 @@ def test_distill_refuses_bad_set_ups(data: Path, teacher: Path, tmp_path: Path) 
         STAGES["distill"](cfg, DistInfo())
     with pytest.raises(ConfigError, match="p_causal"):
         DistillTask(DistillStageConfig(p_causal=1.5), teacher, data, tmp_path, DEFAULT_SCHEMA)
+    with pytest.raises(ConfigError, match="not both 0"):
+        DistillTask(DistillStageConfig(dmd_weight=0.0), teacher, data, tmp_path, DEFAULT_SCHEMA)
+    with pytest.raises(ConfigError, match="truth_frames"):
+        DistillTask(DistillStageConfig(truth_weight=1.0, truth_frames=13), teacher, data, tmp_path, DEFAULT_SCHEMA)
     with pytest.raises(ConfigError, match="one process"):
         DistillTask(STAGE, teacher, data, tmp_path, DEFAULT_SCHEMA, dist=DistInfo(rank=0, world_size=2))
     codec_only = teacher.parent.parent / "codec"

@@ -45,11 +45,13 @@ def test_chosen_windows_tile_every_frame_exactly_once(W: int) -> None:
         chosen_ticks(5, W, W)
 
 
-@pytest.mark.parametrize("late_binding", [True, False])
-@pytest.mark.parametrize("fold", [True, False])
-def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bool, fold: bool) -> None:
+@pytest.mark.parametrize("late_binding,fold,context_t", [(True, True, 0.0), (True, False, 0.0),
+                                                        (False, True, 0.0), (False, False, 0.0),
+                                                        (True, True, 0.3), (False, False, 0.3)])
+def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bool, fold: bool,
+                                                                context_t: float) -> None:
     """No grad, B = 1, same seed: frame for frame the inference stream, also once the cache rolls
-    (S = 1, L = 2, 10 frames after 3 context frames, depth 3)."""
+    (S = 1, L = 2, 10 frames after 3 context frames, depth 3), also with a noisy history."""
     m, W, N = _model(), 3, 10
     ctx, cu, fu = _inputs(1, 3, N + W - 1)
     if not late_binding:
@@ -57,24 +59,27 @@ def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bo
         # and warm-up frames the last context control: feed it the controls W-1 steps ahead
         fu[:, :W - 1] = cu[:, -1:]
     sampler = make_sampler(m, SamplerConfig(name="rolling", steps=W, shift=2.0, sink_frames=1, cache_frames=2,
-                                            late_binding=late_binding, fold_rerun=fold))
+                                            late_binding=late_binding, fold_rerun=fold,
+                                            context_t=context_t))
     sampler.start(ctx[0], cu[0], torch.Generator().manual_seed(7))
     lag = 0 if late_binding else W - 1
     want = torch.stack([sampler.step(fu[0, i + lag]) for i in range(N)])
     cfg = RolloutConfig(window=W, shift=2.0, sink_frames=1, cache_frames=2, late_binding=late_binding,
-                        fold_rerun=fold)
+                        fold_rerun=fold, context_t=context_t)
     ro = rolling_rollout(m, ctx, cu, fu, N, cfg, torch.Generator().manual_seed(7), phase=1, grad=False)
     torch.testing.assert_close(ro.emitted[0], want, atol=1e-5, rtol=0)
     assert not ro.samples.requires_grad and ro.grad_ticks == []
 
 
-def test_causal_rollout_with_the_last_exit_step_is_the_causal_sampler() -> None:
+@pytest.mark.parametrize("context_t", [0.0, 0.3])
+def test_causal_rollout_with_the_last_exit_step_is_the_causal_sampler(context_t: float) -> None:
     m, W, N = _model(), 3, 8
     ctx, cu, fu = _inputs(1, 3, N)
-    sampler = make_sampler(m, SamplerConfig(name="causal", steps=W, sink_frames=1, cache_frames=2))
+    sampler = make_sampler(m, SamplerConfig(name="causal", steps=W, sink_frames=1, cache_frames=2,
+                                            context_t=context_t))
     sampler.start(ctx[0], cu[0], torch.Generator().manual_seed(3))
     want = torch.stack([sampler.step(fu[0, i]) for i in range(N)])
-    cfg = RolloutConfig(window=W, sink_frames=1, cache_frames=2)
+    cfg = RolloutConfig(window=W, sink_frames=1, cache_frames=2, context_t=context_t)
     ro = causal_rollout(m, ctx, cu, fu, N, cfg, torch.Generator().manual_seed(3), exit_step=W - 1, grad=True)
     torch.testing.assert_close(ro.emitted[0], want, atol=1e-5, rtol=0)
     torch.testing.assert_close(ro.samples.detach(), ro.emitted)           # the sample IS the frame

@@ -37,6 +37,8 @@ CASES = [
     SamplerConfig(name="causal", steps=3),
     SamplerConfig(name="causal", steps=2, context_t=0.1, sink_frames=0, cache_frames=4),
     SamplerConfig(name="teacher", teacher_steps=5, cache_frames=1),
+    SamplerConfig(name="rolling", steps=3, action_guidance=1.5, context_t=0.1),
+    SamplerConfig(name="causal", steps=2, action_guidance=2.0),
 ]
 
 
@@ -55,6 +57,44 @@ def test_cached_stream_equals_full_recompute(model: WorldDiT, cfg: SamplerConfig
         cache = s.history.cache  # type: ignore[attr-defined]
         assert cache.total_appended > cache.capacity                      # the cache rolled and evicted
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rolling", "causal"])
+def test_action_guidance_exaggerates_what_the_action_changes(model: WorldDiT, name: str) -> None:
+    """w > 0: every velocity is v(u) + w (v(u) - v(idle)), with one history for both forwards;
+    an idle stream is untouched, an acting one changes, one extra forward per window."""
+    cfg = SamplerConfig(name=name, steps=3, context_t=0.1)
+    ctx, ctx_u = _context()
+
+    def idle_stream(c: SamplerConfig) -> torch.Tensor:      # idle context controls too: warm-up uses them
+        s = make_sampler(model, c)
+        s.start(ctx, torch.zeros_like(ctx_u), generator=torch.Generator().manual_seed(0))
+        return torch.stack([s.step(torch.zeros(4)) for _ in range(8)])
+    torch.testing.assert_close(idle_stream(dataclasses.replace(cfg, action_guidance=2.0)), idle_stream(cfg),
+                               atol=1e-5, rtol=0)
+    s0, a = stream(model, cfg)
+    s2, b = stream(model, dataclasses.replace(cfg, action_guidance=2.0))
+    assert (a - b).abs().mean() > 1e-3
+    predicts = cfg.steps - 1 + 14 if name == "rolling" else cfg.steps * 14   # warm-up + 14 steps
+    assert s2.history.num_forwards - s0.history.num_forwards == predicts     # history writes not doubled
+
+    s = make_sampler(model, dataclasses.replace(cfg, action_guidance=2.0))
+    s.start(*_context(), generator=torch.Generator().manual_seed(0))
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    predict = s.history.predict
+
+    def logged(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        v = predict(x, t, u)
+        calls.append((u.clone(), v.clone()))
+        return v
+    s.history.predict = logged  # type: ignore[method-assign]
+    x, t, u = torch.randn(2, C, R, R), torch.tensor([0.3, 0.8]), torch.randn(2, 4)
+    v = s._velocity(x, t, u)
+    (u1, v1), (u2, v2) = calls
+    assert torch.equal(u1, u) and torch.equal(u2, torch.zeros_like(u))
+    torch.testing.assert_close(v, v1 + 2.0 * (v1 - v2))
+    with pytest.raises(ValueError, match="action_guidance"):
+        SamplerConfig(action_guidance=-1.0).validate()
 
 
 def test_fold_saves_one_forward_per_frame(model: WorldDiT) -> None:

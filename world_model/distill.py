@@ -28,6 +28,12 @@ student (scores are no-grad), the critic loss only the critic (samples are
 detached). The Trainer gives each its own AdamW group, learning rate and grad clip
 (``Task.param_groups``); on critic-only steps the student has no grad and AdamW skips it.
 
+Truth objective (``truth_weight`` > 0; ``dmd_weight`` = 0 drops DMD and the critic):
+the game is deterministic given the controls, so the recorded frames are what the
+student should have made after its own history; ``truth_loss`` trains it on them with
+the teacher's flow-matching loss, its own (detached, noised) emitted frames as context.
+With it, the student also gets a gradient on critic-only steps.
+
 Validation: teacher-forced next-frame PSNR with the student's rolling few-step
 sampler (the exported one) beside copy-last, codec reconstruction and the teacher's
 many-step ODE on the same held-out frames; rollout mp4s as for the teacher.
@@ -54,7 +60,7 @@ from world_model.ddp import DistInfo
 from world_model.dit import WorldDiT
 from world_model.dmd import dmd_loss, flow_matching_loss, sample_dmd_t
 from world_model.rollout import Rollout, RolloutConfig, causal_rollout, rolling_rollout
-from world_model.schedule import add_noise, x0_from_v
+from world_model.schedule import add_noise, rolling_levels, shift_t, x0_from_v
 from world_model.train_teacher import TeacherStageConfig, TeacherTask
 from world_model.trainer import LoopConfig
 
@@ -71,6 +77,11 @@ class DistillStageConfig:
     dmd_t_max: float = 0.98
     late_binding: bool = True            # rolling: window carries the emitted frame's control (as played)
     fold_rerun: bool = True              # rollout history writes folded into no-grad forwards
+    context_t: Optional[float] = None    # rollout history noise level; None: the teacher's sampler default
+    dmd_weight: float = 1.0              # DMD generator loss (and its critic); 0 = no critic, no teacher score
+    truth_weight: float = 0.0            # flow matching to the recorded frames after the student's own history
+    truth_frames: int = 4                # frames per rollout given the truth loss (random, of rollout_frames)
+    truth_context_noise: float = 0.5     # that history is noised to U[0, this] (the teacher's augmentation)
     sink_frames: Optional[int] = None    # None: the teacher checkpoint's sampler_defaults
     cache_frames: Optional[int] = None
     window: Optional[int] = None         # W = the rolling sampler's steps
@@ -97,6 +108,15 @@ class DistillStageConfig:
             bad.append(f"sample_sampler must be rolling, causal or teacher, got {self.sample_sampler!r}")
         if self.critic_lr <= 0:
             bad.append(f"critic_lr must be > 0, got {self.critic_lr}")
+        if self.context_t is not None and not 0.0 <= self.context_t < 1.0:
+            bad.append(f"context_t must be in [0, 1), got {self.context_t}")
+        if self.dmd_weight < 0 or self.truth_weight < 0 or self.dmd_weight + self.truth_weight <= 0:
+            bad.append(f"dmd_weight and truth_weight must be >= 0 and not both 0, got "
+                       f"{self.dmd_weight}, {self.truth_weight}")
+        if self.truth_weight > 0 and not 1 <= self.truth_frames <= self.rollout_frames:
+            bad.append(f"truth_frames must be in [1, rollout_frames], got {self.truth_frames}")
+        if not 0.0 <= self.truth_context_noise < 1.0:
+            bad.append(f"truth_context_noise must be in [0, 1), got {self.truth_context_noise}")
         if bad:
             raise ConfigError(f"invalid stage config: {bad[0]}")
 
@@ -127,19 +147,38 @@ def frame_histories(stream: Tensor, stream_controls: Tensor, first: int, sink: i
     return stream[:, idx], stream_controls[:, idx]
 
 
+def sequence_velocity(net: WorldDiT, hist: Tensor, hist_t: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor,
+                      u: Tensor, mask: Tensor) -> Tensor:
+    """Velocity of noisy frames xt (B, N, K, C, h, w) at t (B, N, K), controls u (B, N, K, 4), each
+    group of K after its own history hist (B, N, H, C, h, w) at levels hist_t (B, N, H), hist_u (B, N, H, 4).
+
+    The B*N sequences of H + K frames are one batch under ``mask``: (B, N, K, C, h, w) out.
+    """
+    B, N, H = hist.shape[:3]
+    K = xt.shape[2]
+    seq = torch.cat([hist, xt], 2).flatten(0, 1)                                  # (B*N, H+K, C, h, w)
+    ts = torch.cat([hist_t, t], 2).flatten(0, 1)                                  # (B*N, H+K)
+    us = torch.cat([hist_u, u], 2).flatten(0, 1)                                  # (B*N, H+K, 4)
+    v = net(seq, ts, us, mask=mask)[:, H:]                                        # (B*N, K, C, h, w)
+    return v.reshape(B, N, K, *v.shape[2:])
+
+
 def score_velocity(net: WorldDiT, hist: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor, u: Tensor,
                    mask: Tensor) -> Tensor:
     """Velocity of noisy frames xt (B, N, C, h, w) at t (B, N), controls u (B, N, 4), each after its
-    own clean history hist (B, N, H, C, h, w) / hist_u (B, N, H, 4), block-causal (``mask``).
+    own clean history hist (B, N, H, C, h, w) / hist_u (B, N, H, 4), block-causal (``mask``)."""
+    v = sequence_velocity(net, hist, t.new_zeros(hist.shape[:3]), hist_u, xt[:, :, None], t[:, :, None],
+                          u[:, :, None], mask)
+    return v[:, :, 0]
 
-    The B*N sequences of H + 1 frames are one batch: (B, N, C, h, w) out.
-    """
-    B, N, H = hist.shape[:3]
-    seq = torch.cat([hist, xt[:, :, None]], 2).flatten(0, 1)                     # (B*N, H+1, C, h, w)
-    ts = torch.cat([t.new_zeros(B, N, H), t[:, :, None]], 2).flatten(0, 1)        # (B*N, H+1)
-    us = torch.cat([hist_u, u[:, :, None]], 2).flatten(0, 1)                      # (B*N, H+1, 4)
-    v = net(seq, ts, us, mask=mask)[:, -1]                                        # (B*N, C, h, w)
-    return v.view(B, N, *v.shape[1:])
+
+def truth_windows(first: int, frames: int, window: int, picks: Tensor) -> Tensor:
+    """Stream indices (B, K, window) of the recorded frames a truth loss targets: frame
+    ``first + p`` and the window - 1 after it, for the picked rollout frames ``picks`` (B, K) in
+    [0, frames). Their history is ``frame_histories(...)[:, p]``: everything before ``first + p``."""
+    if picks.numel() and (int(picks.min()) < 0 or int(picks.max()) >= frames):
+        raise ValueError(f"truth_windows: picks must be in [0, {frames})")
+    return first + picks[..., None] + torch.arange(window)
 
 
 def _resolved(value: Any, defaults: dict[str, Any], key: str, fallback: Any) -> Any:
@@ -164,6 +203,7 @@ class DistillTask(TeacherTask):
         L = _resolved(cfg.cache_frames, sd, "cache_frames", 3)
         W = _resolved(cfg.window, sd, "steps", 4)
         shift = _resolved(cfg.shift, sd, "shift", 1.0)
+        ctx_t = _resolved(cfg.context_t, sd, "context_t", 0.0)
         tcfg = TeacherStageConfig(batch=cfg.batch, sink_frames=S, cache_frames=L, window=W, shift=shift,
                                   p_sink=cfg.p_sink, max_sink_gap=cfg.max_sink_gap,
                                   holdout_fraction=cfg.holdout_fraction, holdout_seeds=cfg.holdout_seeds,
@@ -181,17 +221,21 @@ class DistillTask(TeacherTask):
         self.model = DistillModel(copy.deepcopy(self.teacher).train().requires_grad_(True),
                                   copy.deepcopy(self.teacher).train().requires_grad_(True))
         self.rollout_cfg = RolloutConfig(window=W, shift=shift, sink_frames=S, cache_frames=L,
-                                         late_binding=cfg.late_binding, fold_rerun=cfg.fold_rerun)
-        # What the exported checkpoint plays with: the rolling sampler, W = steps, late binding on.
+                                         late_binding=cfg.late_binding, fold_rerun=cfg.fold_rerun,
+                                         context_t=ctx_t)
+        # What the exported checkpoint plays with: the rolling sampler, W = steps, late binding on,
+        # history written at the noise level the rollouts wrote it at.
         self.sampler_defaults = {**self.sampler_defaults, "name": "rolling", "steps": W, "renoise": "fresh",
-                                 "late_binding": True, "context_t": 0.0}
+                                 "late_binding": True, "context_t": ctx_t}
         self.F0 = S + L                                         # clean context frames of a rollout clip
         n_train = self.val_sessions[0] if self.val_name == "val" else len(self.val_sessions)
         # context + N generated frames + the W-1 tail frames still entering the window at the end
         self.clips = ClipSampler(self.latents, self.F0 + cfg.rollout_frames + W - 1, cfg.batch,
                                  sessions=range(n_train), sink_frames=S, p_sink=cfg.p_sink,
                                  max_sink_gap=cfg.max_sink_gap, seed=seed, rank=dist.rank)
-        self.score_mask = masks.block_causal(self.F0 + 1, self.teacher.tokens_per_frame)
+        T = self.teacher.tokens_per_frame
+        self.score_mask = masks.block_causal(self.F0 + 1, T)
+        self.truth_mask = masks.rolling_train_mask(self.F0, W, T)   # sink + cache, then the window
         self._teacher_val: Optional[dict[str, float]] = None
 
     def param_groups(self, cfg: LoopConfig) -> list[dict[str, Any]]:
@@ -220,12 +264,30 @@ class DistillTask(TeacherTask):
     def loss(self, model: nn.Module, step: int) -> tuple[Tensor, dict[str, float]]:
         pos = self.clips.position
         batch = self.clips.next()
-        gen_step = (step + 1) % self.dcfg.gen_every == 0
+        c = self.dcfg
+        dmd = c.dmd_weight > 0
+        gen_step = dmd and (step + 1) % c.gen_every == 0
         ro, hist, hist_u, m = self.rollout(model.dit, batch, pos, grad=gen_step)
+        total = ro.samples.new_zeros(())
+        critic_loss = gen_loss = gap = truth = math.nan
+        if dmd:
+            dmd_total, critic_loss, gen_loss, gap = self.dmd_losses(model, ro, hist, hist_u, pos, gen_step)
+            total = total + dmd_total
+        if c.truth_weight > 0:
+            t_loss = self.truth_loss(model.dit, batch, hist, hist_u, pos, causal=bool(m["causal"]))
+            total = total + c.truth_weight * t_loss
+            truth = float(t_loss.detach())
+        return total, {**m, "gen_step": float(gen_step), "critic_loss": critic_loss,
+                       "gen_loss": gen_loss, "real_fake_gap": gap, "truth_loss": truth,
+                       "sample_level": float(ro.sample_levels.mean())}
+
+    def dmd_losses(self, model: nn.Module, ro: Rollout, hist: Tensor, hist_u: Tensor, pos: int,
+                   gen_step: bool) -> tuple[Tensor, float, float, float]:
+        """Critic flow matching on the detached samples (every step) plus, on generator steps, the
+        weighted DMD loss -> (loss, critic loss, generator loss, mean |fake x0 - real x0|)."""
         x = ro.samples                                                            # (B, N, C, h, w)
         B, N = x.shape[:2]
         c, sh = self.dcfg, self.shift
-
         # fake score: flow matching on the detached samples, with the real score's context
         g = step_torch_generator(self.seed, self.dist.rank, pos, stream=3)
         t = sample_dmd_t((B, N), g, c.dmd_t_min, c.dmd_t_max, sh)
@@ -235,8 +297,7 @@ class DistillTask(TeacherTask):
         v = score_velocity(model.critic, hist, hist_u, add_noise(xd, tb, eps), t, ro.sample_controls,
                            self.score_mask)
         critic = flow_matching_loss(v, xd, eps)
-        total = critic
-        gen_loss = gap = math.nan
+        total, gen_loss, gap = critic, math.nan, math.nan
         if gen_step:
             g = step_torch_generator(self.seed, self.dist.rank, pos, stream=4)
             t = sample_dmd_t((B, N), g, c.dmd_t_min, c.dmd_t_max, sh)
@@ -248,11 +309,44 @@ class DistillTask(TeacherTask):
                 fake = x0_from_v(xt, tb, score_velocity(model.critic, hist, hist_u, xt, t, ro.sample_controls,
                                                         self.score_mask))
             g_loss = dmd_loss(x, real, fake)
-            total = total + g_loss
+            total = total + c.dmd_weight * g_loss
             gen_loss, gap = float(g_loss.detach()), float((fake - real).abs().mean())
-        return total, {**m, "gen_step": float(gen_step), "critic_loss": float(critic.detach()),
-                       "gen_loss": gen_loss, "real_fake_gap": gap,
-                       "sample_level": float(ro.sample_levels.mean())}
+        return total, float(critic.detach()), gen_loss, gap
+
+    def truth_loss(self, student: WorldDiT, batch: ClipBatch, hist: Tensor, hist_u: Tensor, pos: int,
+                   causal: bool) -> Tensor:
+        """Flow matching of the student to the *recorded* frames after its own rollout's history.
+
+        The game is deterministic given the controls, so the frames the student should have made
+        are known: ``truth_frames`` random rollout frames n per stream; the sink and the L newest
+        frames before n (real context, then the student's own emitted frames, detached) noised to
+        U[0, truth_context_noise]; then the recorded frames as the teacher was trained: a
+        rolling window of W (levels in their bands) after a rolling rollout, one frame
+        (level as the teacher's diffusion forcing) after a causal one. Teaches recovery from the
+        errors the student itself makes, which noise augmentation only imitates.
+        """
+        c, B = self.dcfg, hist.shape[0]
+        g = step_torch_generator(self.seed, self.dist.rank, pos, stream=5)
+        K, W = c.truth_frames, (1 if causal else self.W)
+        picks = torch.rand(B, c.rollout_frames, generator=g).argsort(1)[:, :K]     # (B, K) rollout frames
+        rows = torch.arange(B)[:, None]
+        h, hu = hist[rows, picks], hist_u[rows, picks]                             # (B, K, H, ...)
+        idx = truth_windows(self.F0, c.rollout_frames, W, picks)                   # (B, K, W)
+        x0 = batch.latents[rows[..., None], idx]                                   # (B, K, W, C, h, w)
+        u = batch.controls[rows[..., None], idx]                                   # (B, K, W, 4)
+        if causal:
+            t = shift_t(torch.rand(B, K, 1, generator=g), self.shift)
+            mask = self.score_mask
+        else:
+            levels = rolling_levels(W, self.shift)                                 # (W,) front -> back
+            lo = torch.cat([levels.new_zeros(1), levels[:-1]])
+            t = lo + torch.rand(B, K, W, generator=g) * (levels - lo)
+            mask = self.truth_mask
+        ht = torch.rand(h.shape[:3], generator=g) * c.truth_context_noise          # (B, K, H)
+        hn = add_noise(h, ht[..., None, None, None], torch.randn(h.shape, generator=g))
+        eps = torch.randn(x0.shape, generator=g)
+        v = sequence_velocity(student, hn, ht, hu, add_noise(x0, t[..., None, None, None], eps), t, u, mask)
+        return flow_matching_loss(v, x0, eps)
 
     def items_per_step(self) -> int:
         return self.dcfg.batch * self.dcfg.rollout_frames
@@ -286,11 +380,13 @@ class DistillTask(TeacherTask):
         info = {**training, "teacher_id": self.teacher_id,
                 "codec_id": self.teacher_training.get("codec_id", self.codec_id), "classic": self.classic,
                 "window": self.W, "rollout_frames": c.rollout_frames, "p_causal": c.p_causal,
-                "gen_every": c.gen_every, "late_binding": c.late_binding}
+                "gen_every": c.gen_every, "late_binding": c.late_binding, "context_t": self.rollout_cfg.context_t,
+                "dmd_weight": c.dmd_weight, "truth_weight": c.truth_weight}
         return save_checkpoint(path, self.codec, model.dit, self.schema, self.resolution,
                                extra={"sampler_defaults": self.sampler_defaults, "training": info})
 
     def fingerprint(self) -> dict[str, Any]:
         c = self.dcfg
         return {**super().fingerprint(), "teacher_id": self.teacher_id, "sink": self.S, "cache": self.L,
-                "rollout_frames": c.rollout_frames, "late_binding": c.late_binding}
+                "rollout_frames": c.rollout_frames, "late_binding": c.late_binding,
+                "context_t": self.rollout_cfg.context_t, "objective": [c.dmd_weight, c.truth_weight]}

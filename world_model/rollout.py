@@ -29,8 +29,9 @@ under no_grad, step s with grad, and its x0 is both the frame's sample and (deta
 what enters the history. With s = W-1 this is exactly ``CausalSampler``.
 
 History. A batched ``KVCache`` (sink + rolling L frames, evicted as the
-samplers do) filled under no_grad: a grad forward attends to constant keys and
-values, so gradients never reach earlier ticks. Controls: every frame is written
+samplers do; frames written at noise ``context_t`` as the samplers write them)
+filled under no_grad: a grad forward attends to constant keys and values, so
+gradients never reach earlier ticks. Controls: every frame is written
 to the history with its own control. With ``late_binding`` (the samplers'
 default) the whole window carries the control of the frame it emits (warm-up
 ticks: the last context control), exactly what a player's stream sees; without it
@@ -64,11 +65,14 @@ class RolloutConfig:
     cache_frames: int = 3        # L: rolling clean frames before the window
     late_binding: bool = True    # window carries the emitted frame's control (the samplers' default)
     fold_rerun: bool = True      # write a committed frame's K/V in the next no-grad forward
+    context_t: float = 0.0       # noise level history frames are written at (SamplerConfig.context_t)
 
     def validate(self) -> None:
         if self.window < 1 or self.sink_frames < 0 or self.cache_frames < 0:
             raise ValueError(f"rollout: window must be >= 1 and sink/cache frames >= 0, got "
                              f"{self.window}, {self.sink_frames}, {self.cache_frames}")
+        if not 0.0 <= self.context_t < 1.0:
+            raise ValueError(f"rollout: context_t must be in [0, 1), got {self.context_t}")
 
 
 @dataclass
@@ -97,10 +101,16 @@ class BatchHistory:
     """Sink + rolling KV cache of B streams, written under no_grad (``CachedHistory`` batched).
 
     ``calls`` logs, per model call, whether it ran with grad (tests, diagnostics).
+    With ``context_t`` > 0 a committed frame is re-noised to that level first, its noise
+    drawn from ``generator`` at commit time, as ``StreamSampler._commit`` draws it.
     """
 
-    def __init__(self, model: WorldDiT, sink_frames: int, cache_frames: int, fold_rerun: bool) -> None:
+    def __init__(self, model: WorldDiT, sink_frames: int, cache_frames: int, fold_rerun: bool,
+                 context_t: float = 0.0, generator: torch.Generator | None = None) -> None:
+        if context_t > 0 and generator is None:
+            raise ValueError("BatchHistory: context_t > 0 needs a generator for the history noise")
         self.model, self.S, self.L, self.fold = model, sink_frames, cache_frames, fold_rerun
+        self.context_t, self.generator = context_t, generator
         self.cache = KVCache(model.cfg.depth, sink_frames, cache_frames, model.tokens_per_frame)
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None   # x (B,1,C,h,w), t (B,1), u (B,1,4)
         self.calls: list[bool] = []
@@ -116,9 +126,13 @@ class BatchHistory:
 
     @torch.no_grad()
     def commit(self, x: Tensor, control: Tensor) -> None:
-        """Write clean frames x (B, C, h, w) with controls (B, 4) (noise level 0)."""
+        """Write clean frames x (B, C, h, w) with controls (B, 4), at noise level ``context_t``."""
         x = x.detach()
-        item = (x[:, None], x.new_zeros(x.shape[0], 1), control[:, None].to(x.dtype))
+        lv = self.context_t
+        if lv > 0:
+            assert self.generator is not None
+            x = renoise(x, lv, _noise(self.generator, x, *x.shape))
+        item = (x[:, None], x.new_full((x.shape[0], 1), lv), control[:, None].to(x.dtype))
         self._flush()
         if not self._kept():
             return
@@ -173,12 +187,13 @@ def _noise(generator: torch.Generator, like: Tensor, *shape: int) -> Tensor:
     return torch.randn(*shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
-def _start(model: WorldDiT, context: Tensor, context_controls: Tensor, cfg: RolloutConfig) -> BatchHistory:
+def _start(model: WorldDiT, context: Tensor, context_controls: Tensor, cfg: RolloutConfig,
+           generator: torch.Generator) -> BatchHistory:
     if context.ndim != 5 or context_controls.shape != (*context.shape[:2], model.cfg.control_dim):
         raise ValueError(f"rollout: context (B, F0, C, h, w) and controls (B, F0, {model.cfg.control_dim}) "
                          f"expected, got {tuple(context.shape)} and {tuple(context_controls.shape)}")
     cfg.validate()
-    hist = BatchHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun)
+    hist = BatchHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun, cfg.context_t, generator)
     for i in range(context.shape[1]):
         hist.commit(context[:, i], context_controls[:, i])
     return hist
@@ -202,7 +217,7 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
     _check_controls(controls, context, frames)
     W, B, N = cfg.window, context.shape[0], frames
     ticks = chosen_ticks(N, W, phase)
-    hist = _start(model, context, context_controls.to(context.dtype), cfg)
+    hist = _start(model, context, context_controls.to(context.dtype), cfg, generator)
     levels = rolling_levels(W, cfg.shift).to(context.device, context.dtype)         # (W,) front -> back
     shape = context.shape[2:]                                                        # (C, h, w)
     controls = controls.to(context.dtype)
@@ -256,7 +271,7 @@ def causal_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, c
     W, B, N = cfg.window, context.shape[0], frames
     if not 0 <= exit_step < W:
         raise ValueError(f"causal rollout: exit_step must be in [0, {W}), got {exit_step}")
-    hist = _start(model, context, context_controls.to(context.dtype), cfg)
+    hist = _start(model, context, context_controls.to(context.dtype), cfg, generator)
     levels = euler_levels(W, cfg.shift).to(context.device, context.dtype)          # (W+1,) 1 -> 0
     shape = context.shape[2:]
     controls = controls.to(context.dtype)

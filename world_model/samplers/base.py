@@ -58,6 +58,7 @@ class SamplerConfig:
     renoise: str = "fresh"      # "fresh" Gaussian noise, or "ode" (predicted noise: DDIM / Euler)
     context_t: float = 0.0      # noise level at which clean frames are written to the history
     use_cache: bool = True      # False: RecomputeHistory reference (slow, exact)
+    action_guidance: float = 0.0  # w: v(u) + w (v(u) - v(idle)); 0 = off (w > 0 costs a 2nd forward)
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -68,6 +69,8 @@ class SamplerConfig:
                              f"{self.cache_frames})")
         if not 0.0 <= self.context_t < 1.0:
             raise ValueError(f"sampler.context_t must be in [0, 1), got {self.context_t}")
+        if not 0.0 <= self.action_guidance <= 10.0:
+            raise ValueError(f"sampler.action_guidance must be in [0, 10], got {self.action_guidance}")
 
 
 def resolve_sampler_config(checkpoint_defaults: Mapping[str, Any] | None,
@@ -290,6 +293,22 @@ class StreamSampler(ABC):
     def _noise(self, *shape: int) -> Tensor:
         assert self.generator is not None, "call start() first"
         return torch.randn(*shape, generator=self.generator, device=self.generator.device).to(self._dev, self._dt)
+
+    def _velocity(self, x: Tensor, t: Tensor, controls: Tensor) -> Tensor:
+        """Velocity (F, C, h, w) of the window x (F, C, h, w) at t (F,) under controls (F, 4).
+
+        With ``action_guidance`` w > 0: ``v(u) + w (v(u) - v(idle))``, the idle (all-zero)
+        controls standing in for an unconditional branch the model does not have (it is
+        trained with every frame's control). The difference is what the action changes, so
+        w > 0 exaggerates it, and an idle window is left exactly as it was. The second
+        forward runs after the first wrote any pending history frame: both see one history.
+        """
+        v = self.history.predict(x, t, controls)
+        w = self.cfg.action_guidance
+        if w > 0:
+            v_idle = self.history.predict(x, t, torch.zeros_like(controls))
+            v = v + w * (v - v_idle)
+        return v
 
     def _commit(self, x0: Tensor, control: Tensor) -> None:
         """Write a clean frame (C, h, w) to the history, at noise context_t (noise drawn now)."""

@@ -39,7 +39,7 @@ class CausalSampler(StreamSampler):
         x0 = x
         for i in range(self.num_steps):
             t = lv[i:i + 1]                                             # (1,)
-            v = self.history.predict(x, t, u)                           # (1, C, h, w)
+            v = self._velocity(x, t, u)                                 # (1, C, h, w)
             x0 = x0_from_v(x, t[:, None, None, None], v)
             if i + 1 < self.num_steps:                                  # the last level is 0: x0 is final
                 eps = eps_from_v(x, t[:, None, None, None], v) if self.ode else self._noise(*x.shape)

@@ -74,7 +74,7 @@ class RollingSampler(StreamSampler):
         if self.cfg.late_binding:
             self.u = control[None].expand_as(self.u).clone()                     # nothing in the window shown yet
         t = self.window_levels()                                                 # (k,)
-        v = self.history.predict(self.x, t, self.u)                              # (k, C, h, w)
+        v = self._velocity(self.x, t, self.u)                                    # (k, C, h, w)
         tb = t[:, None, None, None]                                              # (k, 1, 1, 1)
         x0 = x0_from_v(self.x, tb, v)                                            # (k, C, h, w)
         emitted = None
