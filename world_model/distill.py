@@ -60,7 +60,7 @@ from world_model.ddp import DistInfo
 from world_model.dit import WorldDiT
 from world_model.dmd import dmd_loss, flow_matching_loss, sample_dmd_t
 from world_model.rollout import Rollout, RolloutConfig, causal_rollout, rolling_rollout
-from world_model.schedule import add_noise, rolling_levels, shift_t, x0_from_v
+from world_model.schedule import add_noise, rolling_band_levels, shift_t, x0_from_v
 from world_model.train_teacher import TeacherStageConfig, TeacherTask
 from world_model.trainer import LoopConfig
 
@@ -338,9 +338,7 @@ class DistillTask(TeacherTask):
             t = shift_t(torch.rand(B, K, 1, generator=g), self.shift)
             mask = self.score_mask
         else:
-            levels = rolling_levels(W, self.shift)                                 # (W,) front -> back
-            lo = torch.cat([levels.new_zeros(1), levels[:-1]])
-            t = lo + torch.rand(B, K, W, generator=g) * (levels - lo)
+            t = rolling_band_levels(W, self.shift, torch.rand(B, K, W, generator=g))  # (B, K, W)
             mask = self.truth_mask
         ht = torch.rand(h.shape[:3], generator=g) * c.truth_context_noise          # (B, K, H)
         hn = add_noise(h, ht[..., None, None, None], torch.randn(h.shape, generator=g))

@@ -72,6 +72,14 @@ def rolling_levels(window: int, shift: float) -> Tensor:
     return shift_t(k, shift)
 
 
+def rolling_band_levels(window: int, shift: float, u: Tensor) -> Tensor:
+    """Training levels of a rolling window: frame j drawn inside band j, (levels[j-1], levels[j]]
+    of ``rolling_levels`` (levels[-1] = 0). ``u`` (..., W) uniform in [0, 1) -> (..., W)."""
+    levels = rolling_levels(window, shift)                          # (W,) front -> back
+    lo = torch.cat([levels.new_zeros(1), levels[:-1]])
+    return lo + u * (levels - lo)
+
+
 def euler_levels(steps: int, shift: float) -> Tensor:
     """(steps + 1,) decreasing levels from 1.0 to 0.0 for ``steps`` denoising steps."""
     if steps < 1:

@@ -40,7 +40,7 @@ from world_model.data import (ClipSampler, encode_sessions, session_meta, split_
                               step_torch_generator)
 from world_model.ddp import DistInfo
 from world_model.dit import ModelConfig, WorldDiT
-from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_levels, shift_t,
+from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_band_levels, shift_t,
                                   velocity_target, x0_from_v)
 from engine.session import encode_mp4
 from world_model.trainer import Task, psnr, side_by_side
@@ -95,9 +95,7 @@ def sample_layout(batch: int, frames: int, window: int, cfg: TeacherStageConfig,
             k = int(rng.integers(1, F))
             t[b, :k], weight[b, :k] = ctx_t[b, :k], 0.0
     if n_roll:
-        levels = rolling_levels(W, shift)                                # (W,) front -> back
-        lo = torch.cat([torch.zeros(1), levels[:-1]])
-        band = lo + torch.rand(n_roll, W, generator=gen) * (levels - lo)  # (n_roll, W)
+        band = rolling_band_levels(W, shift, torch.rand(n_roll, W, generator=gen))  # (n_roll, W)
         t[:n_roll, :F - W], weight[:n_roll, :F - W] = ctx_t[:n_roll, :F - W], 0.0
         t[:n_roll, F - W:] = band
     return Layout(t=t, weight=weight, n_rolling=n_roll)
