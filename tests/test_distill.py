@@ -19,10 +19,11 @@ from world_model import masks
 from world_model.checkpoint import load_checkpoint, save_checkpoint
 from world_model.codec import FrameCodec
 from world_model.ddp import DistInfo
-from world_model.distill import (DistillStageConfig, DistillTask, frame_histories, score_velocity,
+from world_model.distill import (DistillStageConfig, DistillTask, score_velocity,
                                  truth_windows)
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.dmd import flow_matching_loss
+from world_model.rollout import frame_histories
 from world_model.samplers import SamplerConfig, make_sampler
 from world_model.schedule import add_noise
 from world_model.train_teacher import TeacherStageConfig, TeacherTask
@@ -245,7 +246,7 @@ def test_distill_refuses_bad_set_ups(data: Path, teacher: Path, tmp_path: Path) 
         STAGES["distill"](cfg, DistInfo())
     with pytest.raises(ConfigError, match="p_causal"):
         DistillTask(DistillStageConfig(p_causal=1.5), teacher, data, tmp_path, DEFAULT_SCHEMA)
-    with pytest.raises(ConfigError, match="not both 0"):
+    with pytest.raises(ConfigError, match="not all 0"):
         DistillTask(DistillStageConfig(dmd_weight=0.0), teacher, data, tmp_path, DEFAULT_SCHEMA)
     with pytest.raises(ConfigError, match="truth_frames"):
         DistillTask(DistillStageConfig(truth_weight=1.0, truth_frames=13), teacher, data, tmp_path, DEFAULT_SCHEMA)

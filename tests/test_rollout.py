@@ -45,11 +45,12 @@ def test_chosen_windows_tile_every_frame_exactly_once(W: int) -> None:
         chosen_ticks(5, W, W)
 
 
-@pytest.mark.parametrize("late_binding,fold,context_t", [(True, True, 0.0), (True, False, 0.0),
-                                                        (False, True, 0.0), (False, False, 0.0),
-                                                        (True, True, 0.3), (False, False, 0.3)])
+@pytest.mark.parametrize("late_binding,fold,context_t,renoise", [
+    (True, True, 0.0, "fresh"), (True, False, 0.0, "fresh"), (False, True, 0.0, "fresh"),
+    (False, False, 0.0, "fresh"), (True, True, 0.3, "fresh"), (False, False, 0.3, "fresh"),
+    (True, True, 0.3, "ode"), (False, False, 0.0, "ode")])
 def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bool, fold: bool,
-                                                                context_t: float) -> None:
+                                                                context_t: float, renoise: str) -> None:
     """No grad, B = 1, same seed: frame for frame the inference stream, also once the cache rolls
     (S = 1, L = 2, 10 frames after 3 context frames, depth 3), also with a noisy history."""
     m, W, N = _model(), 3, 10
@@ -60,12 +61,12 @@ def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bo
         fu[:, :W - 1] = cu[:, -1:]
     sampler = make_sampler(m, SamplerConfig(name="rolling", steps=W, shift=2.0, sink_frames=1, cache_frames=2,
                                             late_binding=late_binding, fold_rerun=fold,
-                                            context_t=context_t))
+                                            context_t=context_t, renoise=renoise))
     sampler.start(ctx[0], cu[0], torch.Generator().manual_seed(7))
     lag = 0 if late_binding else W - 1
     want = torch.stack([sampler.step(fu[0, i + lag]) for i in range(N)])
     cfg = RolloutConfig(window=W, shift=2.0, sink_frames=1, cache_frames=2, late_binding=late_binding,
-                        fold_rerun=fold, context_t=context_t)
+                        fold_rerun=fold, context_t=context_t, renoise=renoise)
     ro = rolling_rollout(m, ctx, cu, fu, N, cfg, torch.Generator().manual_seed(7), phase=1, grad=False)
     torch.testing.assert_close(ro.emitted[0], want, atol=1e-5, rtol=0)
     assert not ro.samples.requires_grad and ro.grad_ticks == []

@@ -39,6 +39,8 @@ CASES = [
     SamplerConfig(name="teacher", teacher_steps=5, cache_frames=1),
     SamplerConfig(name="rolling", steps=3, action_guidance=1.5, context_t=0.1),
     SamplerConfig(name="causal", steps=2, action_guidance=2.0),
+    SamplerConfig(name="rolling", steps=3, substeps=3, renoise="ode", context_t=0.1),
+    SamplerConfig(name="rolling", steps=2, substeps=2, sink_frames=2, cache_frames=2),
 ]
 
 
@@ -157,8 +159,10 @@ class PointMass(WorldDiT):
 
 
 @pytest.mark.parametrize("cfg", [SamplerConfig(name="rolling", steps=3), SamplerConfig(name="rolling", renoise="ode"),
-                                 SamplerConfig(name="causal", steps=2), SamplerConfig(name="teacher", teacher_steps=8)],
-                         ids=["rolling-fresh", "rolling-ode", "causal", "teacher"])
+                                 SamplerConfig(name="causal", steps=2), SamplerConfig(name="teacher", teacher_steps=8),
+                                 SamplerConfig(name="rolling", steps=3, substeps=2, renoise="ode"),
+                                 SamplerConfig(name="rolling", steps=2, substeps=3)],
+                         ids=["rolling-fresh", "rolling-ode", "causal", "teacher", "rolling-sub-ode", "rolling-sub"])
 def test_exact_velocity_field_gives_the_data(cfg: SamplerConfig) -> None:
     """Schedule conventions end to end: with the ideal model every sampler emits x* exactly."""
     base = tiny_model(depth=1)
@@ -166,6 +170,20 @@ def test_exact_velocity_field_gives_the_data(cfg: SamplerConfig) -> None:
     m.target = torch.randn(C, R, R, generator=torch.Generator().manual_seed(3))
     _, out = stream(m, cfg, n=6)
     torch.testing.assert_close(out, m.target.expand_as(out), atol=1e-4, rtol=0)
+
+
+def test_rolling_substeps_integrate_the_teachers_ode(model: WorldDiT) -> None:
+    """With frame-local predictions and one control, W windows x M ODE sub-steps per tick walk
+    each frame down the same uniform grid of W*M levels as the teacher's Euler ODE."""
+    local = _frame_local(model)
+    us = [_context()[1][-1]] * 9                               # = the warm-up's (last context) control
+    _, rolled = stream(local, SamplerConfig(name="rolling", steps=3, substeps=2, renoise="ode"), controls=us)
+    _, teacher = stream(local, SamplerConfig(name="teacher", teacher_steps=6), controls=us)
+    _, one = stream(local, SamplerConfig(name="rolling", steps=3, renoise="ode"), controls=us)
+    torch.testing.assert_close(rolled, teacher, atol=1e-5, rtol=0)
+    assert (one - teacher).abs().max() > 1e-3                 # 3 steps are not 6: the test can fail
+    with pytest.raises(ValueError, match="substeps"):
+        SamplerConfig(substeps=0).validate()
 
 
 def _frame_local(model: WorldDiT) -> WorldDiT:

@@ -34,6 +34,10 @@ student should have made after its own history; ``truth_loss`` trains it on them
 the teacher's flow-matching loss, its own (detached, noised) emitted frames as context.
 With it, the student also gets a gradient on critic-only steps.
 
+ODE objective (``ode_weight`` > 0, alone): the published recipe's ODE-trajectory
+regression, in the rolling layout, labelled by the teacher's many-step ODE
+(``world_model/ode_distill.py``); the exported student plays Euler steps (``renoise=ode``).
+
 Validation: teacher-forced next-frame PSNR with the student's rolling few-step
 sampler (the exported one) beside copy-last, codec reconstruction and the teacher's
 many-step ODE on the same held-out frames; rollout mp4s as for the teacher.
@@ -59,7 +63,9 @@ from world_model.data import ClipBatch, ClipSampler, step_rng, step_torch_genera
 from world_model.ddp import DistInfo
 from world_model.dit import WorldDiT
 from world_model.dmd import dmd_loss, flow_matching_loss, sample_dmd_t
-from world_model.rollout import Rollout, RolloutConfig, causal_rollout, rolling_rollout
+from world_model.ode_distill import coupling_loss, ode_rollout, teacher_ode_stream
+from world_model.rollout import (Rollout, RolloutConfig, causal_rollout, frame_histories, rolling_rollout,
+                                 sequence_velocity)
 from world_model.schedule import add_noise, rolling_band_levels, shift_t, x0_from_v
 from world_model.train_teacher import TeacherStageConfig, TeacherTask
 from world_model.trainer import LoopConfig
@@ -82,6 +88,11 @@ class DistillStageConfig:
     truth_weight: float = 0.0            # flow matching to the recorded frames after the student's own history
     truth_frames: int = 4                # frames per rollout given the truth loss (random, of rollout_frames)
     truth_context_noise: float = 0.5     # that history is noised to U[0, this] (the teacher's augmentation)
+    ode_weight: float = 0.0              # > 0: ODE-trajectory regression alone (world_model/ode_distill.py)
+    ode_substeps: int = 8                # teacher Euler steps per band: W * this per frame
+    ode_labels: str = "rolling"          # rolling: teacher ODE per band, same window; causal: teacher sampler frames
+    ode_p_student: float = 0.5           # rolling labels: rollouts advanced by the student's steps (else teacher's)
+    ode_windows: int = 4                 # causal labels: trained windows per stream (of rollout_frames - W + 1)
     sink_frames: Optional[int] = None    # None: the teacher checkpoint's sampler_defaults
     cache_frames: Optional[int] = None
     window: Optional[int] = None         # W = the rolling sampler's steps
@@ -110,11 +121,21 @@ class DistillStageConfig:
             bad.append(f"critic_lr must be > 0, got {self.critic_lr}")
         if self.context_t is not None and not 0.0 <= self.context_t < 1.0:
             bad.append(f"context_t must be in [0, 1), got {self.context_t}")
-        if self.dmd_weight < 0 or self.truth_weight < 0 or self.dmd_weight + self.truth_weight <= 0:
-            bad.append(f"dmd_weight and truth_weight must be >= 0 and not both 0, got "
-                       f"{self.dmd_weight}, {self.truth_weight}")
+        if self.dmd_weight < 0 or self.truth_weight < 0 or \
+                self.dmd_weight + self.truth_weight + max(self.ode_weight, 0.0) <= 0:
+            bad.append(f"dmd_weight, truth_weight and ode_weight must be >= 0 and not all 0, got "
+                       f"{self.dmd_weight}, {self.truth_weight}, {self.ode_weight}")
         if self.truth_weight > 0 and not 1 <= self.truth_frames <= self.rollout_frames:
             bad.append(f"truth_frames must be in [1, rollout_frames], got {self.truth_frames}")
+        if self.ode_weight < 0 or (self.ode_weight > 0 and (self.dmd_weight > 0 or self.truth_weight > 0)):
+            bad.append(f"ode_weight must be >= 0, and > 0 only with dmd_weight=0 and truth_weight=0 "
+                       f"(got {self.ode_weight}, {self.dmd_weight}, {self.truth_weight})")
+        if self.ode_labels not in ("rolling", "causal") or self.ode_windows < 1:
+            bad.append(f"ode_labels must be rolling or causal and ode_windows >= 1, got "
+                       f"{self.ode_labels!r}, {self.ode_windows}")
+        if self.ode_substeps < 1 or not 0.0 <= self.ode_p_student <= 1.0:
+            bad.append(f"need ode_substeps >= 1 and ode_p_student in [0, 1], got "
+                       f"{self.ode_substeps}, {self.ode_p_student}")
         if not 0.0 <= self.truth_context_noise < 1.0:
             bad.append(f"truth_context_noise must be in [0, 1), got {self.truth_context_noise}")
         if bad:
@@ -128,39 +149,6 @@ class DistillModel(nn.Module):
         super().__init__()
         self.dit = student
         self.critic = critic
-
-
-def frame_histories(stream: Tensor, stream_controls: Tensor, first: int, sink: int,
-                    cache: int) -> tuple[Tensor, Tensor]:
-    """Clean history of every frame from ``first`` on: the sink and the ``cache`` newest frames before it.
-
-    stream (B, Fs, C, h, w), stream_controls (B, Fs, 4) -> (B, N, S+L, C, h, w), (B, N, S+L, 4)
-    with N = Fs - first: what a causal stream's window sees before frame ``first + n``.
-    """
-    B, Fs = stream.shape[:2]
-    if first < sink + cache:
-        raise ValueError(f"frame_histories: {first} frames before the first scored frame, "
-                         f"need sink + cache = {sink + cache}")
-    g = torch.arange(first, Fs)                                                   # (N,) stream index
-    idx = torch.cat([torch.arange(sink).expand(len(g), sink),
-                     g[:, None] - cache + torch.arange(cache)[None]], 1)          # (N, S+L)
-    return stream[:, idx], stream_controls[:, idx]
-
-
-def sequence_velocity(net: WorldDiT, hist: Tensor, hist_t: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor,
-                      u: Tensor, mask: Tensor) -> Tensor:
-    """Velocity of noisy frames xt (B, N, K, C, h, w) at t (B, N, K), controls u (B, N, K, 4), each
-    group of K after its own history hist (B, N, H, C, h, w) at levels hist_t (B, N, H), hist_u (B, N, H, 4).
-
-    The B*N sequences of H + K frames are one batch under ``mask``: (B, N, K, C, h, w) out.
-    """
-    B, N, H = hist.shape[:3]
-    K = xt.shape[2]
-    seq = torch.cat([hist, xt], 2).flatten(0, 1)                                  # (B*N, H+K, C, h, w)
-    ts = torch.cat([hist_t, t], 2).flatten(0, 1)                                  # (B*N, H+K)
-    us = torch.cat([hist_u, u], 2).flatten(0, 1)                                  # (B*N, H+K, 4)
-    v = net(seq, ts, us, mask=mask)[:, H:]                                        # (B*N, K, C, h, w)
-    return v.reshape(B, N, K, *v.shape[2:])
 
 
 def score_velocity(net: WorldDiT, hist: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor, u: Tensor,
@@ -220,12 +208,14 @@ class DistillTask(TeacherTask):
         self.teacher: WorldDiT = ck.dit.eval().requires_grad_(False)
         self.model = DistillModel(copy.deepcopy(self.teacher).train().requires_grad_(True),
                                   copy.deepcopy(self.teacher).train().requires_grad_(True))
+        # the ODE student takes Euler steps (predicted noise), the DMD / truth student fresh-noise ones
+        renoise = "ode" if cfg.ode_weight > 0 else "fresh"
         self.rollout_cfg = RolloutConfig(window=W, shift=shift, sink_frames=S, cache_frames=L,
                                          late_binding=cfg.late_binding, fold_rerun=cfg.fold_rerun,
-                                         context_t=ctx_t)
+                                         context_t=ctx_t, renoise=renoise)
         # What the exported checkpoint plays with: the rolling sampler, W = steps, late binding on,
         # history written at the noise level the rollouts wrote it at.
-        self.sampler_defaults = {**self.sampler_defaults, "name": "rolling", "steps": W, "renoise": "fresh",
+        self.sampler_defaults = {**self.sampler_defaults, "name": "rolling", "steps": W, "renoise": renoise,
                                  "late_binding": True, "context_t": ctx_t}
         self.F0 = S + L                                         # clean context frames of a rollout clip
         n_train = self.val_sessions[0] if self.val_name == "val" else len(self.val_sessions)
@@ -265,6 +255,8 @@ class DistillTask(TeacherTask):
         pos = self.clips.position
         batch = self.clips.next()
         c = self.dcfg
+        if c.ode_weight > 0:
+            return self.ode_loss(model.dit, batch, pos)
         dmd = c.dmd_weight > 0
         gen_step = dmd and (step + 1) % c.gen_every == 0
         ro, hist, hist_u, m = self.rollout(model.dit, batch, pos, grad=gen_step)
@@ -346,6 +338,28 @@ class DistillTask(TeacherTask):
         v = sequence_velocity(student, hn, ht, hu, add_noise(x0, t[..., None, None, None], eps), t, u, mask)
         return flow_matching_loss(v, x0, eps)
 
+    def ode_loss(self, student: WorldDiT, batch: ClipBatch, pos: int) -> tuple[Tensor, dict[str, float]]:
+        """ODE-trajectory regression (ode_distill.py): labels from the teacher's ODE run in the
+        student's rolling window (``ode_labels=rolling``) or from the teacher sampler's frames."""
+        c, F0, N = self.dcfg, self.F0, self.dcfg.rollout_frames
+        ctx, ctx_u, fut_u = batch.latents[:, :F0], batch.controls[:, :F0], batch.controls[:, F0:]
+        rng = step_rng(self.seed, self.dist.rank, pos, stream=1)
+        gen = step_torch_generator(self.seed, self.dist.rank, pos, stream=2)
+        m = {"sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
+        if c.ode_labels == "causal":
+            z, x0 = teacher_ode_stream(self.teacher, ctx, ctx_u, fut_u, N, self.rollout_cfg,
+                                       self.W * c.ode_substeps, gen)
+            K = min(c.ode_windows, N - self.W + 1)
+            fronts = torch.rand(ctx.shape[0], N - self.W + 1, generator=gen).argsort(1)[:, :K]   # (B, K)
+            loss = coupling_loss(student, ctx, ctx_u, fut_u, z, x0, self.rollout_cfg, fronts, gen)
+        else:
+            drives = bool(rng.random() < c.ode_p_student)
+            ro = ode_rollout(student, self.teacher, ctx, ctx_u, fut_u, N, self.rollout_cfg, c.ode_substeps, gen,
+                             int(rng.integers(2 ** 62)), drives)
+            loss = ro.loss
+            m.update({f"ode_band{k}": float(v) for k, v in enumerate(ro.band_mse)}, student_drives=float(drives))
+        return c.ode_weight * loss, {**m, "ode_loss": float(loss.detach())}
+
     def items_per_step(self) -> int:
         return self.dcfg.batch * self.dcfg.rollout_frames
 
@@ -380,6 +394,9 @@ class DistillTask(TeacherTask):
                 "window": self.W, "rollout_frames": c.rollout_frames, "p_causal": c.p_causal,
                 "gen_every": c.gen_every, "late_binding": c.late_binding, "context_t": self.rollout_cfg.context_t,
                 "dmd_weight": c.dmd_weight, "truth_weight": c.truth_weight}
+        if c.ode_weight > 0:
+            info.update(ode_weight=c.ode_weight, ode_labels=c.ode_labels, ode_substeps=c.ode_substeps,
+                        ode_p_student=c.ode_p_student, ode_windows=c.ode_windows)
         return save_checkpoint(path, self.codec, model.dit, self.schema, self.resolution,
                                extra={"sampler_defaults": self.sampler_defaults, "training": info})
 
@@ -387,4 +404,7 @@ class DistillTask(TeacherTask):
         c = self.dcfg
         return {**super().fingerprint(), "teacher_id": self.teacher_id, "sink": self.S, "cache": self.L,
                 "rollout_frames": c.rollout_frames, "late_binding": c.late_binding,
-                "context_t": self.rollout_cfg.context_t, "objective": [c.dmd_weight, c.truth_weight]}
+                "context_t": self.rollout_cfg.context_t,
+                "objective": [c.dmd_weight, c.truth_weight] + ([c.ode_weight, c.ode_labels, c.ode_substeps,
+                                                                c.ode_p_student, c.ode_windows]
+                                                               if c.ode_weight > 0 else [])}

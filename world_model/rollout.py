@@ -38,6 +38,10 @@ ticks: the last context control), exactly what a player's stream sees; without i
 each frame carries its own recorded control from the moment it enters (an oracle
 of future input: the sampler without late binding would see it W-1 frames late).
 
+Scoring helpers shared by the distillation objectives: ``frame_histories`` (the sink and
+the L frames before each frame of a stream) and ``sequence_velocity`` (a model's velocity of
+noisy frames, each group after its own history, as one masked batch).
+
 Equivalence to inference: with grad off, B = 1 and the same generator, the
 emitted frames equal ``RollingSampler`` / ``CausalSampler`` (use_cache, fold on
 or off) frame for frame, also after the cache starts to roll: noise is drawn in
@@ -54,7 +58,7 @@ from torch import Tensor
 from . import masks
 from .dit import PastKV, WorldDiT
 from .kv_cache import KVCache
-from .schedule import euler_levels, renoise, rolling_levels, x0_from_v
+from .schedule import eps_from_v, euler_levels, renoise, rolling_levels, x0_from_v
 
 
 @dataclass
@@ -66,6 +70,7 @@ class RolloutConfig:
     late_binding: bool = True    # window carries the emitted frame's control (the samplers' default)
     fold_rerun: bool = True      # write a committed frame's K/V in the next no-grad forward
     context_t: float = 0.0       # noise level history frames are written at (SamplerConfig.context_t)
+    renoise: str = "fresh"       # rolling: "fresh" noise between levels, or "ode" (predicted noise, Euler)
 
     def validate(self) -> None:
         if self.window < 1 or self.sink_frames < 0 or self.cache_frames < 0:
@@ -73,6 +78,8 @@ class RolloutConfig:
                              f"{self.window}, {self.sink_frames}, {self.cache_frames}")
         if not 0.0 <= self.context_t < 1.0:
             raise ValueError(f"rollout: context_t must be in [0, 1), got {self.context_t}")
+        if self.renoise not in ("fresh", "ode"):
+            raise ValueError(f"rollout: renoise must be 'fresh' or 'ode', got {self.renoise!r}")
 
 
 @dataclass
@@ -187,8 +194,9 @@ def _noise(generator: torch.Generator, like: Tensor, *shape: int) -> Tensor:
     return torch.randn(*shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
-def _start(model: WorldDiT, context: Tensor, context_controls: Tensor, cfg: RolloutConfig,
-           generator: torch.Generator) -> BatchHistory:
+def start_history(model: WorldDiT, context: Tensor, context_controls: Tensor, cfg: RolloutConfig,
+                  generator: torch.Generator) -> BatchHistory:
+    """A batched history with the clean context (B, F0, C, h, w) committed (the first S: the sink)."""
     if context.ndim != 5 or context_controls.shape != (*context.shape[:2], model.cfg.control_dim):
         raise ValueError(f"rollout: context (B, F0, C, h, w) and controls (B, F0, {model.cfg.control_dim}) "
                          f"expected, got {tuple(context.shape)} and {tuple(context_controls.shape)}")
@@ -217,7 +225,7 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
     _check_controls(controls, context, frames)
     W, B, N = cfg.window, context.shape[0], frames
     ticks = chosen_ticks(N, W, phase)
-    hist = _start(model, context, context_controls.to(context.dtype), cfg, generator)
+    hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator)
     levels = rolling_levels(W, cfg.shift).to(context.device, context.dtype)         # (W,) front -> back
     shape = context.shape[2:]                                                        # (C, h, w)
     controls = controls.to(context.dtype)
@@ -246,15 +254,19 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
                 if f < N:
                     samples[f], s_lv[f], s_u[:, f] = x0[:, j], t[j], u[:, j]
         x0 = x0.detach()
+        # predicted noise for the ODE step (the samplers' renoise="ode"), else fresh below
+        eps = eps_from_v(x, t[None, :, None, None, None], v.detach()) if cfg.renoise == "ode" else None
         if k == W:                                                                   # front at l_0: emit
             emitted[front] = x0[:, 0]
             hist.commit(x0[:, 0], u[:, 0])
             x0, u = x0[:, 1:], u[:, 1:]
+            eps = eps[:, 1:] if eps is not None else None
         if tau == N + W - 2:
             break                                                                    # frame N-1 emitted
         k = x0.shape[1]
         nxt = levels[W - 1 - k:W - 1]                                                # (k,) one level lower
-        x = renoise(x0, nxt[None, :, None, None, None], _noise(generator, context, B, k, *shape))
+        x = renoise(x0, nxt[None, :, None, None, None],
+                    eps if eps is not None else _noise(generator, context, B, k, *shape))
     return Rollout(samples=torch.stack(samples, 1), emitted=torch.stack(emitted, 1),  # type: ignore[arg-type]
                    sample_levels=s_lv, sample_controls=s_u,
                    grad_ticks=ticks if grad else [], forwards=len(hist.calls))
@@ -271,7 +283,7 @@ def causal_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, c
     W, B, N = cfg.window, context.shape[0], frames
     if not 0 <= exit_step < W:
         raise ValueError(f"causal rollout: exit_step must be in [0, {W}), got {exit_step}")
-    hist = _start(model, context, context_controls.to(context.dtype), cfg, generator)
+    hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator)
     levels = euler_levels(W, cfg.shift).to(context.device, context.dtype)          # (W+1,) 1 -> 0
     shape = context.shape[2:]
     controls = controls.to(context.dtype)
@@ -291,3 +303,36 @@ def causal_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, c
     return Rollout(samples=torch.stack(samples, 1), emitted=torch.stack(emitted, 1),
                    sample_levels=levels[exit_step].expand(N).clone(), sample_controls=controls[:, :N].clone(),
                    grad_ticks=[exit_step] if grad else [], forwards=len(hist.calls))
+
+
+def frame_histories(stream: Tensor, stream_controls: Tensor, first: int, sink: int,
+                    cache: int) -> tuple[Tensor, Tensor]:
+    """Clean history of every frame from ``first`` on: the sink and the ``cache`` newest frames before it.
+
+    stream (B, Fs, C, h, w), stream_controls (B, Fs, 4) -> (B, N, S+L, C, h, w), (B, N, S+L, 4)
+    with N = Fs - first: what a causal stream's window sees before frame ``first + n``.
+    """
+    B, Fs = stream.shape[:2]
+    if first < sink + cache:
+        raise ValueError(f"frame_histories: {first} frames before the first scored frame, "
+                         f"need sink + cache = {sink + cache}")
+    g = torch.arange(first, Fs)                                                   # (N,) stream index
+    idx = torch.cat([torch.arange(sink).expand(len(g), sink),
+                     g[:, None] - cache + torch.arange(cache)[None]], 1)          # (N, S+L)
+    return stream[:, idx], stream_controls[:, idx]
+
+
+def sequence_velocity(net: WorldDiT, hist: Tensor, hist_t: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor,
+                      u: Tensor, mask: Tensor) -> Tensor:
+    """Velocity of noisy frames xt (B, N, K, C, h, w) at t (B, N, K), controls u (B, N, K, 4), each
+    group of K after its own history hist (B, N, H, C, h, w) at levels hist_t (B, N, H), hist_u (B, N, H, 4).
+
+    The B*N sequences of H + K frames are one batch under ``mask``: (B, N, K, C, h, w) out.
+    """
+    B, N, H = hist.shape[:3]
+    K = xt.shape[2]
+    seq = torch.cat([hist, xt], 2).flatten(0, 1)                                  # (B*N, H+K, C, h, w)
+    ts = torch.cat([hist_t, t], 2).flatten(0, 1)                                  # (B*N, H+K)
+    us = torch.cat([hist_u, u], 2).flatten(0, 1)                                  # (B*N, H+K, 4)
+    v = net(seq, ts, us, mask=mask)[:, H:]                                        # (B*N, K, C, h, w)
+    return v.reshape(B, N, K, *v.shape[2:])

@@ -59,6 +59,7 @@ class SamplerConfig:
     context_t: float = 0.0      # noise level at which clean frames are written to the history
     use_cache: bool = True      # False: RecomputeHistory reference (slow, exact)
     action_guidance: float = 0.0  # w: v(u) + w (v(u) - v(idle)); 0 = off (w > 0 costs a 2nd forward)
+    substeps: int = 1           # rolling: forwards per tick (each frame crosses its band in M steps)
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -69,6 +70,8 @@ class SamplerConfig:
                              f"{self.cache_frames})")
         if not 0.0 <= self.context_t < 1.0:
             raise ValueError(f"sampler.context_t must be in [0, 1), got {self.context_t}")
+        if self.substeps < 1:
+            raise ValueError(f"sampler.substeps must be >= 1, got {self.substeps}")
         if not 0.0 <= self.action_guidance <= 10.0:
             raise ValueError(f"sampler.action_guidance must be in [0, 10], got {self.action_guidance}")
 

@@ -64,9 +64,14 @@ class RollingSampler(StreamSampler):
         return out
 
     def _advance(self, control: Tensor) -> Tensor | None:
-        """Add a pure-noise frame at the back, run one forward, shift every frame one level down.
+        """Add a pure-noise frame at the back, run one tick, shift every frame one level down.
 
-        Returns the front frame's clean latent (C, h, w) if it reached the front, else None.
+        A tick is ``substeps`` window forwards: each frame crosses its band (l_k -> l_{k-1})
+        in M equal sub-steps (x0 prediction, then ``renoise`` to the next sub-level); the
+        last one emits the front frame. M = 1 is the Rolling Forcing sampler; M > 1 with
+        ``renoise=ode`` is the teacher's ODE run in the rolling layout (the labels of
+        ``world_model/ode_distill.py``). Returns the front frame's clean latent (C, h, w)
+        if it reached the front, else None.
         """
         noise = self._noise(*self._frame_shape)                                  # (C, h, w)
         self.x = torch.cat([self.x, noise[None]])                                # (k, C, h, w)
@@ -74,20 +79,31 @@ class RollingSampler(StreamSampler):
         if self.cfg.late_binding:
             self.u = control[None].expand_as(self.u).clone()                     # nothing in the window shown yet
         t = self.window_levels()                                                 # (k,)
-        v = self._velocity(self.x, t, self.u)                                    # (k, C, h, w)
-        tb = t[:, None, None, None]                                              # (k, 1, 1, 1)
-        x0 = x0_from_v(self.x, tb, v)                                            # (k, C, h, w)
+        k = t.shape[0]
+        lo = self._levels[self.W - 1 - k:self.W - 1] if k < self.W else \
+            torch.cat([t.new_zeros(1), t[:-1]])                                  # (k,) band bottoms
+        M = self.cfg.substeps
+        for m in range(M - 1):                                                   # sub-steps inside the bands
+            s = t - (t - lo) * (m / M)
+            self.x = self._renoise(self.x, s, self._velocity(self.x, s, self.u), t - (t - lo) * ((m + 1) / M))
+        s = t if M == 1 else t - (t - lo) * ((M - 1) / M)                        # (k,) the last sub-level
+        v = self._velocity(self.x, s, self.u)                                    # (k, C, h, w)
+        x0 = x0_from_v(self.x, s[:, None, None, None], v)                        # (k, C, h, w)
         emitted = None
-        full = self.x.shape[0] == self.W
-        if full:                                                                 # front is at l_0: done
+        if k == self.W:                                                          # front reaches 0: done
             emitted = x0[0]
             self._commit(emitted, self.u[0])
-            x0, self.x, self.u, v, tb = x0[1:], self.x[1:], self.u[1:], v[1:], tb[1:]
-        k = x0.shape[0]
-        nxt = self._levels[self.W - 1 - k:self.W - 1]                            # (k,) one level lower
-        if self.cfg.renoise == "ode":
-            eps = eps_from_v(self.x, tb, v)                                      # (k, C, h, w) predicted
-        else:
-            eps = self._noise(k, *self._frame_shape)                             # fresh
-        self.x = renoise(x0, nxt[:, None, None, None], eps)                       # (k, C, h, w)
+            self.x, self.u, v, s, lo = self.x[1:], self.u[1:], v[1:], s[1:], lo[1:]
+        if self.x.shape[0]:
+            self.x = self._renoise(self.x, s, v, lo)                             # (k', C, h, w) one level lower
         return emitted
+
+    def _renoise(self, x: Tensor, t: Tensor, v: Tensor, nxt: Tensor) -> Tensor:
+        """Frames x (k, C, h, w) at levels t (k,) with velocity v, moved to levels nxt (k,)."""
+        tb = t[:, None, None, None]
+        x0 = x0_from_v(x, tb, v)
+        if self.cfg.renoise == "ode":
+            eps = eps_from_v(x, tb, v)                                           # predicted: Euler / DDIM
+        else:
+            eps = self._noise(*x.shape)                                          # fresh
+        return renoise(x0, nxt[:, None, None, None], eps)
