@@ -2,7 +2,10 @@
 
 Rolling Forcing's student denoises a window of W frames one level per tick. The published
 recipe starts its student by regressing teacher ODE trajectories before DMD; here that
-regression is done in the student's own layout, on its own rollouts:
+regression is done in the student's own layout, with two label sources
+(``DistillStageConfig.ode_labels``):
+
+**rolling** (``ode_rollout``), on the student's own rollouts:
 
 * **Labels.** At every tick of a rolling rollout the window (frames at levels l_k, late-bound
   controls, the history before it) is handed to the frozen teacher, which integrates the
@@ -22,6 +25,10 @@ The student plays the result with ``renoise=ode`` (its steps are ODE steps, not 
 re-noising). Both histories (teacher and student K/V) hold the same frames, written at
 ``context_t`` with the same noise (two generators with one seed), as the sampler writes them.
 Gradients: every student window forward, against a history computed without grad.
+
+**causal** (``teacher_ode_stream`` + ``coupling_loss``): the teacher sampler streams the
+frames; each frame's noise and result make a straight path the student's rolling window
+is trained on (rectified-flow reflow on the teacher's coupling). See ``coupling_loss``.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from . import masks
 from .dit import WorldDiT
 from .dmd import flow_matching_loss
 from .rollout import RolloutConfig, _noise, frame_histories, sequence_velocity, start_history
-from .schedule import add_noise, euler_levels, rolling_levels
+from .schedule import add_noise, euler_levels, rolling_bands, rolling_levels
 
 
 @dataclass
@@ -47,14 +54,9 @@ class OdeRollout:
     student_forwards: int
 
 
-def band_bottoms(window: int, shift: float) -> tuple[Tensor, Tensor]:
-    """Rolling levels l_k (W,) and the level each frame moves to in one tick (l_{k-1}, l_{-1} = 0)."""
-    levels = rolling_levels(window, shift)
-    return levels, torch.cat([levels.new_zeros(1), levels[:-1]])
-
-
 @torch.no_grad()
-def teacher_band_step(hist_predict: Callable[..., Tensor], x: Tensor, t: Tensor, lo: Tensor, u: Tensor, substeps: int) -> Tensor:
+def teacher_band_step(hist_predict: Callable[..., Tensor], x: Tensor, t: Tensor, lo: Tensor, u: Tensor,
+                      substeps: int) -> Tensor:
     """Euler ODE of window frames x (B, k, C, h, w) from levels t (k,) to lo (k,) in ``substeps``
     equal steps; ``hist_predict(x, t (B, k), u, grad)`` is the teacher's velocity -> (B, k, C, h, w)."""
     B, k = x.shape[:2]
@@ -87,7 +89,7 @@ def ode_rollout(student: WorldDiT, teacher: WorldDiT, context: Tensor, context_c
     # one seed for both history generators: both draw the same commit noise in the same order
     th = start_history(teacher, context, cu, cfg, torch.Generator().manual_seed(history_seed))
     sh = start_history(student, context, cu, cfg, torch.Generator().manual_seed(history_seed))
-    levels, lower = (v.to(context.device, context.dtype) for v in band_bottoms(W, cfg.shift))
+    levels, lower = (v.to(context.device, context.dtype) for v in rolling_bands(W, cfg.shift))
     shape = context.shape[2:]
     controls = controls.to(context.dtype)
     last = cu[:, -1] if context.shape[1] else controls.new_zeros(B, controls.shape[2])

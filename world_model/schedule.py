@@ -72,11 +72,18 @@ def rolling_levels(window: int, shift: float) -> Tensor:
     return shift_t(k, shift)
 
 
-def rolling_band_levels(window: int, shift: float, u: Tensor) -> Tensor:
-    """Training levels of a rolling window: frame j drawn inside band j, (levels[j-1], levels[j]]
-    of ``rolling_levels`` (levels[-1] = 0). ``u`` (..., W) uniform in [0, 1) -> (..., W)."""
+def rolling_bands(window: int, shift: float) -> tuple[Tensor, Tensor]:
+    """Band j of a rolling window: (lower[j], levels[j]], the levels slot j crosses in one tick.
+
+    levels = ``rolling_levels`` (W,), lower = the next level down (W,), 0 for the front."""
     levels = rolling_levels(window, shift)                          # (W,) front -> back
-    lo = torch.cat([levels.new_zeros(1), levels[:-1]])
+    return levels, torch.cat([levels.new_zeros(1), levels[:-1]])
+
+
+def rolling_band_levels(window: int, shift: float, u: Tensor) -> Tensor:
+    """Training levels of a rolling window: frame j drawn inside band j of ``rolling_bands``.
+    ``u`` (..., W) uniform in [0, 1) -> (..., W)."""
+    levels, lo = rolling_bands(window, shift)
     return lo + u * (levels - lo)
 
 

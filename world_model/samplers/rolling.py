@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..dit import WorldDiT
-from ..schedule import eps_from_v, renoise, rolling_levels, x0_from_v
+from ..schedule import eps_from_v, renoise, rolling_bands, x0_from_v
 from .base import SamplerConfig, StreamSampler
 
 
@@ -38,8 +38,8 @@ class RollingSampler(StreamSampler):
     def __init__(self, model: WorldDiT, cfg: SamplerConfig) -> None:
         super().__init__(model, cfg)
         self.W = cfg.steps
-        self.levels = rolling_levels(self.W, cfg.shift)          # (W,) increasing, back = 1.0
-        self._levels = self.levels                               # on the stream's device/dtype (_warm_up)
+        self.levels, self.lower = rolling_bands(self.W, cfg.shift)  # (W,) increasing, back = 1.0; band bottoms
+        self._levels, self._lower = self.levels, self.lower       # on the stream's device/dtype (_warm_up)
         c = model.cfg
         self._frame_shape = (c.latent_channels, c.latent_res, c.latent_res)
         self.x: Tensor = torch.empty(0, *self._frame_shape)      # (k, C, h, w) window, front first
@@ -52,6 +52,7 @@ class RollingSampler(StreamSampler):
 
     def _warm_up(self, control: Tensor) -> None:
         self._levels = self.levels.to(self._dev, self._dt)
+        self._lower = self.lower.to(self._dev, self._dt)
         self.x = self.x.new_empty(0, *self._frame_shape).to(self._dev, self._dt)
         self.u = control.new_empty(0, control.shape[0])
         for _ in range(self.W - 1):
@@ -80,8 +81,7 @@ class RollingSampler(StreamSampler):
             self.u = control[None].expand_as(self.u).clone()                     # nothing in the window shown yet
         t = self.window_levels()                                                 # (k,)
         k = t.shape[0]
-        lo = self._levels[self.W - 1 - k:self.W - 1] if k < self.W else \
-            torch.cat([t.new_zeros(1), t[:-1]])                                  # (k,) band bottoms
+        lo = self._lower[self.W - k:]                                            # (k,) one level lower
         M = self.cfg.substeps
         for m in range(M - 1):                                                   # sub-steps inside the bands
             s = t - (t - lo) * (m / M)
