@@ -343,7 +343,6 @@ class DistillTask(TeacherTask):
         student's rolling window (``ode_labels=rolling``) or from the teacher sampler's frames."""
         c, F0, N = self.dcfg, self.F0, self.dcfg.rollout_frames
         ctx, ctx_u, fut_u = batch.latents[:, :F0], batch.controls[:, :F0], batch.controls[:, F0:]
-        rng = step_rng(self.seed, self.dist.rank, pos, stream=1)
         gen = step_torch_generator(self.seed, self.dist.rank, pos, stream=2)
         m = {"sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
         if c.ode_labels == "causal":
@@ -353,6 +352,7 @@ class DistillTask(TeacherTask):
             fronts = torch.rand(ctx.shape[0], N - self.W + 1, generator=gen).argsort(1)[:, :K]   # (B, K)
             loss = coupling_loss(student, ctx, ctx_u, fut_u, z, x0, self.rollout_cfg, fronts, gen)
         else:
+            rng = step_rng(self.seed, self.dist.rank, pos, stream=1)
             drives = bool(rng.random() < c.ode_p_student)
             ro = ode_rollout(student, self.teacher, ctx, ctx_u, fut_u, N, self.rollout_cfg, c.ode_substeps, gen,
                              int(rng.integers(2 ** 62)), drives)
