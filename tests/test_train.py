@@ -153,6 +153,30 @@ def test_resume_after_sigkill_continues_the_same_loss_curve(data: Path, codec_ck
         assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
 
 
+def test_training_time_budget_holds_across_resumes(data: Path, codec_ckpt: Path, tmp_path: Path) -> None:
+    """``max_train_minutes`` counts training time over every invocation: a run resumed after its
+    budget was spent takes no step; a larger budget continues the same run."""
+    ticks = iter(range(0, 10 ** 6, 15))                      # each clock read 15 s later: 15 s a step
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    def run(minutes: float) -> dict[str, object]:
+        task, loop = build_teacher(str(data), str(codec_ckpt), str(tmp_path), max_steps=50,
+                                   max_train_minutes=minutes)
+        return Trainer(task, loop, tmp_path, step_clock=clock).run()
+
+    s = run(1.0)
+    assert (s["steps"], s["stop_reason"], s["train_minutes_total"]) == (4, "max_train_minutes", 1.0)
+    s = run(1.0)
+    assert (s["steps"], s["steps_this_run"], s["stop_reason"]) == (4, 0, "max_train_minutes")
+    s = run(1.5)
+    assert (s["steps"], s["resumed_from"], s["train_minutes_total"]) == (6, 4, 1.5)
+    task, loop = build_teacher(str(data), str(codec_ckpt), str(tmp_path), max_train_minutes=-1.0)
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        Trainer(task, loop, tmp_path)
+
+
 def test_resume_refuses_another_model(data: Path, codec_ckpt: Path, tmp_path: Path) -> None:
     task, loop = build_teacher(str(data), str(codec_ckpt), str(tmp_path), max_steps=1)
     Trainer(task, loop, tmp_path).run()

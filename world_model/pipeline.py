@@ -1,6 +1,6 @@
 """One resumable pipeline from zero: data -> codec -> teacher -> student -> evaluation -> export.
 
-    python -m world_model.pipeline out=runs/pipeline [preset=tiny|default] [stages.teacher.max_minutes=90 ...]
+    python -m world_model.pipeline out=runs/pipeline [preset=tiny|default] [stages.teacher.max_train_minutes=90 ...]
 
 Each stage is the project's own command run as a subprocess (so a stage can be
 rerun alone, and training keeps its exact resume): ``engine.datagen`` for the
@@ -11,7 +11,7 @@ is simply run again and resumes from its own state. The last stage copies the
 student checkpoint to ``out/export`` with a model card (``MODEL_CARD.md``).
 
 Presets live in ``conf/pipeline/<preset>.yaml``; ``key=value`` arguments
-override them (dotted keys, e.g. ``stages.codec.max_minutes=5``).
+override them (dotted keys, e.g. ``stages.codec.max_train_minutes=5``).
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def model_card(out: Path, done: dict[str, dict[str, Any]]) -> str:
     for name in ORDER[:-1]:
         s = done.get(name, {})
         summ = s.get("summary", {})
-        keep = {k: summ[k] for k in ("sessions", "frames", "steps", "val", "checkpoint_id") if k in summ}
+        keep = {k: summ[k] for k in ("sessions", "frames", "steps", "train_minutes_total", "val", "checkpoint_id")
+                if k in summ}
         lines.append(f"| {name} | {s.get('minutes', 0):.1f} | `{json.dumps(keep, default=str)}` |")
     eval_md = out / "eval" / "eval.md"
     if eval_md.is_file():

@@ -102,7 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         threads = int(cfg.threads) or max(1, (os.cpu_count() or 1) // dist.world_size)
         torch.set_num_threads(threads)
         loop_node = {**OmegaConf.to_container(cfg.loop, resolve=True),  # type: ignore[dict-item]
-                     "max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes, "seed": cfg.seed}
+                     "max_steps": cfg.max_steps, "max_minutes": cfg.max_minutes,
+                     "max_train_minutes": cfg.get("max_train_minutes", 0), "seed": cfg.seed}
         loop = to_dataclass(LoopConfig, loop_node, what="loop")
         task = STAGES[name](cfg, dist)
         out = Path(cfg.out)

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ from world_model.ddp import DistInfo
 class LoopConfig:
     max_steps: int = 10000
     max_minutes: float = 0.0      # wall-clock budget of this invocation; 0 = none
+    max_train_minutes: float = 0.0  # training-time budget summed over all invocations (a resumed
+                                    # run stops at the same total: train_minutes_total); 0 = none
     lr: float = 4e-4
     warmup_steps: int = 200
     schedule: str = "cosine"      # "cosine" (to min_lr_ratio * lr at max_steps) or "constant"
@@ -197,12 +199,18 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Trainer:
     """Runs a Task: ``Trainer(task, cfg, out, dist).run()`` -> JSON-able summary."""
 
-    def __init__(self, task: Task, cfg: LoopConfig, out: Path | str, dist: DistInfo = DistInfo()) -> None:
+    def __init__(self, task: Task, cfg: LoopConfig, out: Path | str, dist: DistInfo = DistInfo(),
+                 step_clock: Callable[[], float] = time.perf_counter) -> None:
+        """``step_clock`` times the training steps (``train_minutes_total``; injectable for tests)."""
         if cfg.schedule not in ("cosine", "constant"):
             raise ValueError(f"loop.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
         if cfg.max_steps < 0 or cfg.log_every < 1:
             raise ValueError("loop.max_steps must be >= 0 and loop.log_every >= 1")
+        if cfg.max_minutes < 0 or cfg.max_train_minutes < 0:
+            raise ValueError(f"max_minutes and max_train_minutes must be >= 0 (0 = no budget), got "
+                             f"{cfg.max_minutes}, {cfg.max_train_minutes}")
         self.task, self.cfg, self.out, self.dist = task, cfg, Path(out), dist
+        self.step_clock = step_clock
         self.model = task.model
         self.net = ddp.wrap_model(self.model, dist)
         groups = task.param_groups(cfg) or [
@@ -302,10 +310,13 @@ class Trainer:
         saved_step, validated_step, sampled_step = self.step, -1, -1
         bar = tqdm(total=c.max_steps, initial=self.step, desc=self.task.name, dynamic_ncols=True,
                    disable=not (c.progress and self.dist.is_main and sys.stderr.isatty()))
-        reason = "max_steps"
+        budget = c.max_train_minutes * 60.0
+        # resumed after the total budget was spent: no step (every rank must agree)
+        spent = bool(ddp.all_reduce_max([budget > 0 and self.train_seconds >= budget], self.dist)[0])
+        reason = "max_train_minutes" if spent and self.step < c.max_steps else "max_steps"
         try:
-            while self.step < c.max_steps:
-                t0 = time.perf_counter()
+            while self.step < c.max_steps and not spent:
+                t0 = self.step_clock()
                 self.net.train()
                 loss, extra = self.task.loss(self.net, self.step)
                 self.opt.zero_grad(set_to_none=True)
@@ -320,7 +331,7 @@ class Trainer:
                 self.sched.step()
                 self.ema.update(self.model, self.step)
                 self.step += 1
-                dt = time.perf_counter() - t0
+                dt = self.step_clock() - t0
                 self.train_seconds += dt
                 self.last_train = {"loss": float(loss.item()), **extra}
                 bar.update(1)
@@ -335,9 +346,10 @@ class Trainer:
                 due = (now - last_ckpt >= c.ckpt_minutes * 60.0
                        or (c.ckpt_every > 0 and self.step % c.ckpt_every == 0))
                 over = c.max_minutes > 0 and now - t_start >= c.max_minutes * 60.0
+                spent = budget > 0 and self.train_seconds >= budget
                 # Every rank must take the same branch: agree on the flags (max over ranks).
-                stop_sig, over, due = ddp.all_reduce_max(
-                    [self._signal is not None, over, due], self.dist)
+                stop_sig, over, spent, due = ddp.all_reduce_max(
+                    [self._signal is not None, over, spent, due], self.dist)
                 if c.val_every > 0 and self.step % c.val_every == 0:
                     self._validate(val_log)
                     validated_step = self.step
@@ -347,8 +359,8 @@ class Trainer:
                 if due:
                     self.save()
                     saved_step, last_ckpt = self.step, time.monotonic()
-                if stop_sig or over:
-                    reason = "signal" if stop_sig else "max_minutes"
+                if stop_sig or over or spent:
+                    reason = "signal" if stop_sig else "max_minutes" if over else "max_train_minutes"
                     break
             if saved_step != self.step or not resumed:
                 self.save()
