@@ -58,7 +58,7 @@ from torch import Tensor
 from . import masks
 from .dit import PastKV, WorldDiT
 from .kv_cache import KVCache
-from .schedule import eps_from_v, euler_levels, renoise, rolling_levels, x0_from_v
+from .schedule import eps_from_v, euler_levels, renoise, rolling_bands, x0_from_v
 
 
 @dataclass
@@ -226,7 +226,7 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
     W, B, N = cfg.window, context.shape[0], frames
     ticks = chosen_ticks(N, W, phase)
     hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator)
-    levels = rolling_levels(W, cfg.shift).to(context.device, context.dtype)         # (W,) front -> back
+    levels, lower = (v.to(context.device, context.dtype) for v in rolling_bands(W, cfg.shift))  # (W,) each
     shape = context.shape[2:]                                                        # (C, h, w)
     controls = controls.to(context.dtype)
     last = (context_controls[:, -1] if context.shape[1] else controls.new_zeros(B, controls.shape[2]))
@@ -249,6 +249,7 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
         v = hist.predict(x, t.expand(B, k), u, grad=grad and chosen)                  # (B, k, C, h, w)
         x0 = x0_from_v(x, t[None, :, None, None, None], v)                           # (B, k, C, h, w)
         front = tau - k + 1                                                          # frame at the front
+        nxt = lower[W - k:]                                                          # (k,) one level lower
         if chosen:
             for j, f in enumerate(range(front, tau + 1)):
                 if f < N:
@@ -259,14 +260,12 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
         if k == W:                                                                   # front at l_0: emit
             emitted[front] = x0[:, 0]
             hist.commit(x0[:, 0], u[:, 0])
-            x0, u = x0[:, 1:], u[:, 1:]
+            x0, u, nxt = x0[:, 1:], u[:, 1:], nxt[1:]
             eps = eps[:, 1:] if eps is not None else None
         if tau == N + W - 2:
             break                                                                    # frame N-1 emitted
-        k = x0.shape[1]
-        nxt = levels[W - 1 - k:W - 1]                                                # (k,) one level lower
         x = renoise(x0, nxt[None, :, None, None, None],
-                    eps if eps is not None else _noise(generator, context, B, k, *shape))
+                    eps if eps is not None else _noise(generator, context, B, x0.shape[1], *shape))
     return Rollout(samples=torch.stack(samples, 1), emitted=torch.stack(emitted, 1),  # type: ignore[arg-type]
                    sample_levels=s_lv, sample_controls=s_u,
                    grad_ticks=ticks if grad else [], forwards=len(hist.calls))
