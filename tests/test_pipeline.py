@@ -24,7 +24,11 @@ def test_plan_chains_each_stage_into_the_next(tmp_path: Path) -> None:
     assert f"out={tmp_path / 'codec'}" in cmds["codec"] and "max_steps=7" in cmds["codec"]
     assert f"codec={tmp_path / 'codec' / 'checkpoint'}" in cmds["teacher"]
     assert f"teacher={tmp_path / 'teacher' / 'checkpoint'}" in cmds["distill"]
-    assert f"checkpoint={tmp_path / 'distill' / 'checkpoint'}" in cmds["evaluate"]
+    # the selection weighs teacher against student on validation worlds; evaluation and export take its pick
+    assert (f"candidates=[{tmp_path / 'teacher' / 'checkpoint'},{tmp_path / 'distill' / 'checkpoint'}]"
+            in cmds["select"]) and f"dst={tmp_path / 'selected'}" in cmds["select"]
+    assert "seeds=[100002]" in cmds["select"]              # tiny preset: a validation world, not evaluated
+    assert f"checkpoint={tmp_path / 'selected'}" in cmds["evaluate"]
     # held-out worlds never overlap the training seeds
     assert "seed0=0" in cmds["data_train"] and f"seed0={cfg.heldout_seed0}" in cmds["data_heldout"]
     assert cfg.train_sessions < cfg.heldout_seed0
@@ -49,7 +53,9 @@ def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -
     assert set(summary["minutes"]) == set(ORDER)
     ckpt = load_checkpoint(summary["checkpoint"], DEFAULT_SCHEMA)
     assert ckpt.dit is not None and (Path(summary["checkpoint"]) / "MODEL_CARD.md").is_file()
-    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "select" / "select.json").is_file()
+    card = (Path(summary["checkpoint"]) / "MODEL_CARD.md").read_text()
+    assert "## Selection" in card and "(selected)" in card and "| select |" in card
     # a second run finds every stage done and does nothing
     r2 = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0 and "pipeline:" not in r2.stderr

@@ -1,14 +1,19 @@
-"""One resumable pipeline from zero: data -> codec -> teacher -> student -> evaluation -> export.
+"""One resumable pipeline from zero: data -> codec -> teacher -> student -> selection -> evaluation -> export.
 
     python -m world_model.pipeline out=runs/pipeline [preset=tiny|default] [stages.teacher.max_train_minutes=90 ...]
 
 Each stage is the project's own command run as a subprocess (so a stage can be
 rerun alone, and training keeps its exact resume): ``engine.datagen`` for the
 training and held-out sessions, ``world_model.train stage=codec|teacher|distill``
-and ``world_model.evaluate``. A finished stage leaves ``out/stages/<name>.json``
-(its summary and wall time) and is skipped on the next run; an interrupted one
-is simply run again and resumes from its own state. The last stage copies the
-student checkpoint to ``out/export`` with a model card (``MODEL_CARD.md``).
+``world_model.selection`` and ``world_model.evaluate``. A finished stage leaves
+``out/stages/<name>.json`` (its summary and wall time) and is skipped on the next
+run; an interrupted one is simply run again and resumes from its own state.
+
+The selection stage streams the teacher and the student, each with the history noise
+it was trained at and with 0.3, on validation worlds, and exports the best pair to
+``out/selected`` (a short distillation here can leave the student worse than its
+teacher). The evaluation judges that checkpoint on the held-out worlds, and the last
+stage copies it to ``out/export`` with a model card (``MODEL_CARD.md``).
 
 Presets live in ``conf/pipeline/<preset>.yaml``; ``key=value`` arguments
 override them (dotted keys, e.g. ``stages.codec.max_train_minutes=5``).
@@ -32,7 +37,7 @@ from engine.recorder import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "conf" / "pipeline"
-ORDER = ("data_train", "data_heldout", "codec", "teacher", "distill", "evaluate", "export")
+ORDER = ("data_train", "data_heldout", "codec", "teacher", "distill", "select", "evaluate", "export")
 
 
 @dataclass
@@ -97,7 +102,11 @@ def stage_commands(cfg: PipelineConfig) -> dict[str, list[str]]:
         "distill": py + ["world_model.train", "stage=distill", f"data={out / 'data' / 'train'}",
                          f"out={out / 'distill'}", f"teacher={out / 'teacher' / 'checkpoint'}"]
                    + train_preset + extra.get("distill", []),
-        "evaluate": py + ["world_model.evaluate", f"checkpoint={out / 'distill' / 'checkpoint'}",
+        "select": py + ["world_model.selection",
+                        f"candidates=[{out / 'teacher' / 'checkpoint'},{out / 'distill' / 'checkpoint'}]",
+                        f"out={out / 'select'}", f"dst={out / 'selected'}", f"heldout={out / 'data' / 'heldout'}",
+                        f"heldout_seed0={cfg.heldout_seed0}"] + extra.get("select", []),
+        "evaluate": py + ["world_model.evaluate", f"checkpoint={out / 'selected'}",
                           f"out={out / 'eval'}", f"heldout={out / 'data' / 'heldout'}",
                           f"heldout_seed0={cfg.heldout_seed0}"] + extra.get("evaluate", []),
     }
@@ -122,9 +131,14 @@ def model_card(out: Path, done: dict[str, dict[str, Any]]) -> str:
     for name in ORDER[:-1]:
         s = done.get(name, {})
         summ = s.get("summary", {})
-        keep = {k: summ[k] for k in ("sessions", "frames", "steps", "train_minutes_total", "val", "checkpoint_id")
+        keep = {k: summ[k] for k in ("sessions", "frames", "steps", "train_minutes_total", "val", "selected",
+                                    "context_t", "score", "checkpoint_id")
                 if k in summ}
         lines.append(f"| {name} | {s.get('minutes', 0):.1f} | `{json.dumps(keep, default=str)}` |")
+    select_md = out / "select" / "select.md"
+    if select_md.is_file():
+        lines += ["", "## Selection (validation worlds: rolling sampler, checkpoint x history noise)", "",
+                  select_md.read_text()]
     eval_md = out / "eval" / "eval.md"
     if eval_md.is_file():
         lines += ["", "## Evaluation", "", eval_md.read_text()]
@@ -149,7 +163,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             dst = out / "export"
             if dst.exists():
                 shutil.rmtree(dst)
-            shutil.copytree(out / "distill" / "checkpoint", dst)
+            shutil.copytree(out / "selected", dst)
             (dst / "MODEL_CARD.md").write_text(model_card(out, done))
             summary: dict[str, Any] = {"checkpoint": str(dst)}
         else:
