@@ -1,6 +1,7 @@
 """WorldDiT: shapes, masks, cached K/V, RoPE, attention fallback."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -137,3 +138,37 @@ def test_flash_path_matches_sdpa() -> None:  # pragma: no cover - CUDA only
     assert can_use_flash(q, None)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     torch.testing.assert_close(attend(q, k, v, None).float(), ref, atol=2e-3, rtol=0)
+
+
+def test_frame_stacking_reads_each_frames_predecessor() -> None:
+    """prev_frame: frame k sees frame k-1 (frame 0: zeros at level 1) unless told otherwise;
+    the block-causal mask still keeps every frame blind to later ones."""
+    from world_model.dit import prev_inputs
+    from world_model import masks
+
+    m = tiny_model(prev_frame=True)
+    x, t, u = _inputs(m, 2, 3)
+    px, pt = prev_inputs(x, t)
+    assert torch.equal(px[:, 1:], x[:, :-1]) and torch.equal(pt[:, 1:], t[:, :-1])
+    assert px[:, 0].abs().sum() == 0 and torch.all(pt[:, 0] == 1)
+    torch.testing.assert_close(m(x, t, u), m(x, t, u, prev=(px, pt)))
+    other = (px.clone(), pt.clone())
+    other[0][:, 0] = torch.randn_like(other[0][:, 0])
+    v0, v1 = m(x, t, u), m(x, t, u, prev=other)
+    assert (v0[:, 0] - v1[:, 0]).abs().mean() > 1e-3                 # frame 0 reads its predecessor
+    mask = masks.block_causal(3, m.tokens_per_frame)
+    y = x.clone()
+    y[:, 2] = torch.randn_like(y[:, 2])                               # change the last frame only
+    a, b = m(x, t, u, mask=mask), m(y, t, u, mask=mask)
+    torch.testing.assert_close(a[:, :2], b[:, :2])                    # earlier frames: untouched
+    with pytest.raises(ValueError, match="prev"):
+        m(x, t, u, prev=(px[:, :2], pt[:, :2]))
+    # the new layers start at zero: a model without stacking, given them, computes what it did
+    plain = tiny_model(seed=3)
+    grown = WorldDiT(m.cfg).eval()
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("prev_embed.", "t_prev_mlp.")) for k in missing)
+    ref = plain(x, t, u)
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(grown(x, t, u), ref)
+    assert m.flops_per_forward(2, 3) > plain.flops_per_forward(2, 3)

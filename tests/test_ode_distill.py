@@ -146,9 +146,9 @@ def test_coupling_loss_trains_straight_paths_to_the_teachers_frames() -> None:
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     orig = m._run
 
-    def spy(x, t, controls, past, mask, time_pos):  # type: ignore[no-untyped-def]
+    def spy(x, t, controls, past, mask, time_pos, prev=None):  # type: ignore[no-untyped-def]
         seen.append((x.detach().clone(), t.clone(), controls.clone()))
-        return orig(x, t, controls, past, mask, time_pos)
+        return orig(x, t, controls, past, mask, time_pos, prev)
 
     m._run = spy  # type: ignore[method-assign]
     try:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,23 @@ def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert play.returncode == 0, play.stderr[-2000:]
     assert json.loads(play.stdout.strip().splitlines()[-1])["frames"] == 5
+
+
+def test_a_stage_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training stopped by SIGTERM exits 0 with stop_reason "signal": the pipeline must not skip
+    it next time (it resumes); a stage that finished is marked and skipped."""
+    import world_model.pipeline as pl
+
+    def fake_commands(reason: str) -> Any:
+        def commands(cfg: Any) -> dict[str, list[str]]:
+            line = json.dumps({"stage": "codec", "stop_reason": reason})
+            return {name: [sys.executable, "-c", f"print({line!r})"] for name in ORDER if name != "export"}
+        return commands
+    cfg = load_config([f"out={tmp_path}", "preset=tiny", "only=[codec]"])
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("signal"))
+    with pytest.raises(RuntimeError, match="stage codec was interrupted"):
+        pl.run(cfg)
+    assert not (tmp_path / "stages" / "codec.json").exists()
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps"))
+    assert pl.run(cfg)["minutes"].keys() == {"codec"}
+    assert json.loads((tmp_path / "stages" / "codec.json").read_text())["summary"]["stop_reason"] == "max_steps"

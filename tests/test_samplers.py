@@ -49,6 +49,30 @@ def model() -> WorldDiT:
     return tiny_model(depth=3)
 
 
+@pytest.fixture(scope="module")
+def stacked() -> WorldDiT:
+    return tiny_model(depth=3, prev_frame=True)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.name}-{c.renoise}-S{c.sink_frames}L{c.cache_frames}")
+def test_frame_stacking_cached_stream_equals_full_recompute(stacked: WorldDiT, cfg: SamplerConfig) -> None:
+    """With model.prev_frame every frame also reads its predecessor: the cache (each cached frame
+    kept with the predecessor it was written with) still computes what the recompute does."""
+    _, ref = stream(stacked, dataclasses.replace(cfg, use_cache=False))
+    for fold in (True, False):
+        _, out = stream(stacked, dataclasses.replace(cfg, fold_rerun=fold))
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    # the predecessor matters, and with its layers at zero the model is the one without them
+    plain = WorldDiT(dataclasses.replace(stacked.cfg, prev_frame=False)).eval()
+    plain.load_state_dict(stacked.state_dict(), strict=False)
+    _, ref_plain = stream(plain, cfg)
+    assert (ref - ref_plain).abs().mean() > 1e-3
+    zeroed = WorldDiT(stacked.cfg).eval()
+    zeroed.load_state_dict(plain.state_dict(), strict=False)             # prev layers stay at zero init
+    _, out_zeroed = stream(zeroed, cfg)
+    torch.testing.assert_close(out_zeroed, ref_plain, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.name}-{c.renoise}-S{c.sink_frames}L{c.cache_frames}")
 def test_cached_stream_equals_full_recompute(model: WorldDiT, cfg: SamplerConfig) -> None:
     """KV cache + sink + eviction + fold compute exactly what the explicit-mask recompute does."""
@@ -97,6 +121,29 @@ def test_action_guidance_exaggerates_what_the_action_changes(model: WorldDiT, na
     torch.testing.assert_close(v, v1 + 2.0 * (v1 - v2))
     with pytest.raises(ValueError, match="action_guidance"):
         SamplerConfig(action_guidance=-1.0).validate()
+    with pytest.raises(ValueError, match="guidance_min_t"):
+        SamplerConfig(guidance_min_t=1.5).validate()
+
+
+def test_guidance_centring_and_noise_gate_shape_the_guidance_term(model: WorldDiT) -> None:
+    """centre: the term has zero spatial mean per frame and channel (the frame's colour is the
+    conditional one's); min_t: frames below the level get the plain conditional velocity."""
+    x, t, u = torch.randn(3, C, R, R), torch.tensor([0.2, 0.5, 0.9]), torch.randn(3, 4)
+
+    def velocity(**kw: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = make_sampler(model, SamplerConfig(name="rolling", steps=3, action_guidance=2.0, **kw))
+        s.start(*_context(), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return (s._velocity(x, t, u), s.history.predict(x, t, u),
+                    s.history.predict(x, t, torch.zeros_like(u)))
+    v, v_u, v_0 = velocity(guidance_center=True)
+    delta = v_u - v_0
+    torch.testing.assert_close(v.mean(dim=(-2, -1)), v_u.mean(dim=(-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v, v_u + 2.0 * (delta - delta.mean(dim=(-2, -1), keepdim=True)), atol=1e-5, rtol=0)
+    assert (v - v_u).abs().mean() > 1e-3
+    v, v_u, v_0 = velocity(guidance_min_t=0.5)
+    torch.testing.assert_close(v[0], v_u[0])                                  # t = 0.2: not guided
+    torch.testing.assert_close(v[1:], v_u[1:] + 2.0 * (v_u[1:] - v_0[1:]))    # t = 0.5, 0.9: guided
 
 
 def test_fold_saves_one_forward_per_frame(model: WorldDiT) -> None:
@@ -152,7 +199,7 @@ class PointMass(WorldDiT):
 
     target: torch.Tensor
 
-    def _run(self, x, t, controls, past, mask, time_pos):  # type: ignore[no-untyped-def]
+    def _run(self, x, t, controls, past, mask, time_pos, prev=None):  # type: ignore[no-untyped-def]
         _, kv = super()._run(x, t, controls, past, mask, time_pos)
         tt = t.clamp_min(1e-6)[:, :, None, None, None]
         return (x - self.target) / tt, kv
@@ -217,9 +264,9 @@ def test_late_binding(model: WorldDiT) -> None:
     seen: list[torch.Tensor] = []
     orig = model._run
 
-    def spy(x, t, controls, past, mask, time_pos):  # type: ignore[no-untyped-def]
+    def spy(x, t, controls, past, mask, time_pos, prev=None):  # type: ignore[no-untyped-def]
         seen.append(controls[0, -W:].clone())
-        return orig(x, t, controls, past, mask, time_pos)
+        return orig(x, t, controls, past, mask, time_pos, prev)
 
     for late in (True, False):
         seen.clear()

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from engine.actions import DEFAULT_SCHEMA
-from world_model.checkpoint import load_checkpoint, load_codec, load_state, save_checkpoint
+from world_model.checkpoint import CheckpointError, load_checkpoint, load_codec, load_state, save_checkpoint
 from world_model.codec import FrameCodec
-from world_model.dit import ModelConfig
+from engine.config import ConfigError
+from world_model.dit import ModelConfig, WorldDiT
 from world_model.schedule import rolling_levels
 from world_model.train_codec import CodecStageConfig, CodecTask
 from world_model.train_teacher import TeacherStageConfig, TeacherTask, sample_layout
@@ -255,3 +256,51 @@ def test_cli_sigterm_saves_and_exits(data: Path, codec_ckpt: Path, tmp_path: Pat
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["stop_reason"] == "signal" and s["steps"] >= 3
     assert load_state(out / "state")["step"] == s["steps"]
+
+
+def test_frame_stacking_warm_start_and_training(data: Path, codec_ckpt: Path, tmp_path: Path) -> None:
+    """stage.init + model.prev_frame: the run starts as the old teacher exactly (new layers at zero),
+    trains the new layers, and its checkpoint streams; mismatched starts are refused."""
+    import dataclasses
+
+    from world_model.samplers import SamplerConfig, make_sampler
+    from world_model.train_teacher import warm_start
+
+    task, loop = build_teacher(str(data), str(codec_ckpt), str(tmp_path / "a"), max_steps=3)
+    old = Trainer(task, loop, tmp_path / "a").run()
+    old_ck = load_checkpoint(old["checkpoint"], DEFAULT_SCHEMA)
+    stacked = dataclasses.replace(TINY_MODEL, prev_frame=True)
+    cfg = dataclasses.replace(TEACHER, init=old["checkpoint"])
+    task2 = TeacherTask(cfg, stacked, codec_ckpt, data, tmp_path / "b", DEFAULT_SCHEMA, seed=3)
+    assert task2.init_id == old_ck.id
+    g = torch.Generator().manual_seed(0)
+    x, t, u = torch.randn(2, 3, 4, 8, 8, generator=g), torch.rand(2, 3, generator=g), torch.randn(2, 3, 4, generator=g)
+    ref = old_ck.dit(x, t, u)
+    assert ref.abs().mean() > 1e-3
+    torch.testing.assert_close(task2.model.dit(x, t, u), ref)
+    # the sink-gap clips give the frame after the sink no predecessor (zeros at level 1)
+    obj = task2.model
+    with torch.no_grad():
+        obj.dit.prev_embed.weight.normal_()
+    x0, eps = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 4, 4, 8, 8, generator=g)
+    tt, w = torch.rand(2, 4, generator=g), torch.ones(2, 4)
+    gap, none = torch.tensor([0, 3]), torch.tensor([0, 0])
+    a = obj.per_sample(x0, torch.zeros(2, 4, 4), tt, eps, w, obj.causal, gap)
+    b = obj.per_sample(x0, torch.zeros(2, 4, 4), tt, eps, w, obj.causal, none)
+    assert a[0] == b[0] and a[1] != b[1]
+    summary = Trainer(task2, dataclasses.replace(loop, max_steps=2), tmp_path / "b").run()
+    ck = load_checkpoint(summary["checkpoint"], DEFAULT_SCHEMA)
+    assert ck.dit.cfg.prev_frame and ck.config["training"]["init_from"] == old_ck.id
+    s = make_sampler(ck.dit, SamplerConfig(name="rolling", steps=2, cache_frames=1))
+    s.start(torch.randn(2, 4, 8, 8), torch.zeros(2, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.stack([s.step(torch.zeros(4)) for _ in range(4)])).all()
+    # refused: another model shape, a stacked start for an unstacked run, another codec
+    with pytest.raises(ConfigError, match="model config differs in d_model"):
+        warm_start(WorldDiT(dataclasses.replace(stacked, d_model=16, latent_channels=4, latent_res=8)),
+                   old["checkpoint"], DEFAULT_SCHEMA, task2.codec_id)
+    with pytest.raises(ConfigError, match="uses frame stacking"):
+        warm_start(WorldDiT(old_ck.dit.cfg), summary["checkpoint"], DEFAULT_SCHEMA, task2.codec_id)
+    with pytest.raises(ConfigError, match="trained on codec"):
+        warm_start(WorldDiT(ck.dit.cfg), old["checkpoint"], DEFAULT_SCHEMA, "another")
+    with pytest.raises(CheckpointError, match="codec-only"):
+        warm_start(WorldDiT(ck.dit.cfg), str(codec_ckpt), DEFAULT_SCHEMA, task2.codec_id)

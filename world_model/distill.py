@@ -186,6 +186,10 @@ class DistillTask(TeacherTask):
             raise ConfigError("stage=distill runs in one process (its generator/critic alternation "
                               "is not wired to DistributedDataParallel); drop torchrun")
         ck = load_checkpoint(teacher, schema)
+        if ck.dit is not None and ck.dit.cfg.prev_frame:
+            # the batched training rollouts (rollout.py) do not feed predecessors yet
+            raise ConfigError(f"teacher={teacher}: stage=distill does not support frame stacking "
+                              f"(model.prev_frame) yet; the samplers, play and evaluate do")
         sd = dict(ck.config.get("sampler_defaults") or {})
         S = _resolved(cfg.sink_frames, sd, "sink_frames", 1)
         L = _resolved(cfg.cache_frames, sd, "cache_frames", 3)

@@ -62,6 +62,10 @@ class ModelConfig:
     qk_norm: bool = True
     rope_theta: float = 100.0    # small: positions are small integers
     action_in_adaln: bool = True
+    # Frame stacking: each frame's patch tokens also embed the previous frame's latent patch
+    # (as the model sees that frame, at its own noise level, which enters the adaLN). Copying
+    # and small shifts become local linear maps instead of an attention lookup (see prev_inputs).
+    prev_frame: bool = False
 
 
 @dataclass
@@ -272,6 +276,17 @@ class Block(nn.Module):
         return torch.addcmul(x, g2, m), k, v
 
 
+def prev_inputs(x: Tensor, t: Tensor, first: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The previous frame of every frame of x (B, F, C, h, w) at levels t (B, F): frame k-1, and
+    for frame 0 ``first`` ((B, C, h, w), (B,)), or nothing (zeros at level 1: the mean of pure
+    noise, which carries no information) when ``first`` is None."""
+    if first is None:
+        fx, ft = torch.zeros_like(x[:, 0]), torch.ones_like(t[:, 0])
+    else:
+        fx, ft = first[0].to(x.dtype), first[1].to(t.dtype)
+    return torch.cat([fx[:, None], x[:, :-1]], 1), torch.cat([ft[:, None], t[:, :-1]], 1)
+
+
 class WorldDiT(nn.Module):
     """Velocity prediction for latent frames (B, F, C, h, w) at per-frame noise levels, given controls."""
 
@@ -286,6 +301,11 @@ class WorldDiT(nn.Module):
         self.patch_embed = Linear(C * p * p, d)
         self.action_mlp = nn.Sequential(Linear(cfg.control_dim, d), nn.SiLU(), Linear(d, d))
         self.t_mlp = nn.Sequential(Linear(256, d), nn.SiLU(), Linear(d, d))
+        if cfg.prev_frame:
+            # zero-initialised (_init_weights): a model warm-started from one without frame
+            # stacking begins as that model exactly
+            self.prev_embed = Linear(C * p * p, d)
+            self.t_prev_mlp = nn.Sequential(Linear(256, d), nn.SiLU(), Linear(d, d))
         self.action_type = nn.Parameter(torch.zeros(d))  # learned type embeddings tell the two
         self.patch_type = nn.Parameter(torch.zeros(d))   # token kinds apart
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
@@ -312,6 +332,11 @@ class WorldDiT(nn.Module):
         for m in (self.final_ada[-1], self.final):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if self.cfg.prev_frame:
+            nn.init.normal_(self.t_prev_mlp[0].weight, std=0.02)
+            for m in (self.prev_embed, self.t_prev_mlp[2]):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -343,24 +368,37 @@ class WorldDiT(nn.Module):
 
     # ------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor, controls: Tensor, past: PastKV | None = None,
-                mask: Tensor | None = None, time_pos: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, time_pos: Tensor | None = None,
+                prev: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Velocity (B, F, C, h, w) for latents x (B, F, C, h, w) at noise levels t (B, F).
 
         controls: (B, F, control_dim). past: cached frames before x. mask: bool
         (F*T, (P+F)*T) (or its additive form, ``attention.prepare_mask``) or None.
         time_pos: optional (F,) RoPE time positions of the input frames (default
         P..P+F-1; reference paths that lay frames out non-contiguously use it).
+        prev: with ``cfg.prev_frame``, each input frame's previous frame and its level,
+        ((B, F, C, h, w), (B, F)); None = ``prev_inputs(x, t)`` (frame k-1 of x, and for
+        frame 0 nothing: zeros at level 1). Ignored without ``cfg.prev_frame``.
         """
-        out, _ = self._run(x, t, controls, past, mask, time_pos)
+        out, _ = self._run(x, t, controls, past, mask, time_pos, prev)
         return out
 
     def forward_kv(self, x: Tensor, t: Tensor, controls: Tensor, past: PastKV | None = None,
-                   mask: Tensor | None = None, time_pos: Tensor | None = None) -> tuple[Tensor, FrameKV]:
+                   mask: Tensor | None = None, time_pos: Tensor | None = None,
+                   prev: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, FrameKV]:
         """Like ``forward``, also returning the input frames' per-layer K (unroped) / V for a cache."""
-        return self._run(x, t, controls, past, mask, time_pos)
+        return self._run(x, t, controls, past, mask, time_pos, prev)
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """(B, F, C, h, w) -> (B, F, N, C*p*p) patch vectors, row-major over the grid."""
+        B, Fr, C = x.shape[:3]
+        p, g = self.cfg.patch, self.grid
+        patches = x.reshape(B, Fr, C, g, p, g, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, g, g, C, p, p)
+        return patches.reshape(B, Fr, g * g, C * p * p)
 
     def _run(self, x: Tensor, t: Tensor, controls: Tensor, past: PastKV | None,
-             mask: Tensor | None, time_pos: Tensor | None) -> tuple[Tensor, FrameKV]:
+             mask: Tensor | None, time_pos: Tensor | None,
+             prev: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, FrameKV]:
         cfg, T = self.cfg, self.tokens_per_frame
         B, Fr, C, h, w = x.shape
         p, g = cfg.patch, self.grid
@@ -374,17 +412,22 @@ class WorldDiT(nn.Module):
             raise ValueError(f"WorldDiT: mask {tuple(mask.shape)} != {(Fr * T, (P + Fr) * T)}")
 
         # tokens
-        patches = x.reshape(B, Fr, C, g, p, g, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, g, g, C, p, p)
-        patches = patches.reshape(B, Fr, g * g, C * p * p)                      # (B, F, N, Cpp)
-        ptok = self.patch_embed(patches) + self.patch_type                      # (B, F, N, d)
+        ptok = self.patch_embed(self._patches(x)) + self.patch_type             # (B, F, N, d)
         a = self.action_mlp(controls.to(x.dtype))                               # (B, F, d)
         atok = (a + self.action_type)[:, :, None, :]                            # (B, F, 1, d)
-        tok = torch.cat([atok, ptok], dim=2)                                    # (B, F, T, d)
 
         # per-frame conditioning
         c = self.t_mlp(timestep_embedding(t, 256).to(x.dtype))                  # (B, F, d)
         if cfg.action_in_adaln:
             c = c + a
+        if cfg.prev_frame:
+            px, pt = prev if prev is not None else prev_inputs(x, t)
+            if px.shape != x.shape or pt.shape != t.shape:
+                raise ValueError(f"WorldDiT: prev {tuple(px.shape)}, {tuple(pt.shape)} must match x "
+                                 f"{tuple(x.shape)} and t {tuple(t.shape)}")
+            ptok = ptok + self.prev_embed(self._patches(px.to(x.dtype)))         # (B, F, N, d)
+            c = c + self.t_prev_mlp(timestep_embedding(pt, 256).to(x.dtype))
+        tok = torch.cat([atok, ptok], dim=2)                                    # (B, F, T, d)
         c_act = F.silu(c)                       # (B, F, d): the SiLU of every adaLN (ada[0], final_ada[0])
 
         # RoPE (full-width tables, (tokens, dh)): past frames at 0..P-1, input frames at
@@ -422,5 +465,8 @@ class WorldDiT(nn.Module):
         embed = (2 * Fq * N * cpp * d                      # patch embedding
                  + 2 * Fq * (cfg.control_dim * d + d * d)  # action MLP
                  + 2 * Fq * (256 * d + d * d))             # noise-level MLP
+        if cfg.prev_frame:
+            embed *= 2                                     # prev-frame patches and level: same shapes
+            embed -= 2 * Fq * (cfg.control_dim * d + d * d)  # (no second action MLP)
         head = 2 * Fq * d * 2 * d + 2 * Fq * N * d * cpp   # final adaLN + unpatchify
         return cfg.depth * per_layer + embed + head

@@ -173,6 +173,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                 raise RuntimeError(f"pipeline stage {name} failed with exit code {proc.returncode} "
                                    f"(rerun the same command to resume)")
             summary = _last_json(proc.stdout)
+            if summary.get("stop_reason") == "signal":
+                # a training stopped by SIGTERM / Ctrl-C exits 0 after saving its state: not done
+                raise RuntimeError(f"pipeline stage {name} was interrupted (state saved; rerun the same "
+                                   f"command to resume)")
         done[name] = {"summary": summary, "minutes": (time.monotonic() - t0) / 60.0}
         atomic_write_bytes(mark, json.dumps(done[name], indent=2, default=str).encode())
     return {"out": str(out), "preset": cfg.preset,

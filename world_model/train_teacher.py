@@ -39,7 +39,7 @@ from world_model.codec import FrameCodec, tensor_to_frames
 from world_model.data import (ClipSampler, encode_sessions, session_meta, split_sessions, step_rng,
                               step_torch_generator)
 from world_model.ddp import DistInfo
-from world_model.dit import ModelConfig, WorldDiT
+from world_model.dit import ModelConfig, WorldDiT, prev_inputs
 from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_band_levels, shift_t,
                                   velocity_target, x0_from_v)
 from engine.session import encode_mp4
@@ -67,6 +67,7 @@ class TeacherStageConfig:
     val_steps: int = 4
     rollout_frames: int = 48
     rollout_sampler: str = "rolling"
+    init: Optional[str] = None           # a teacher checkpoint whose weights start a fresh run (warm start)
 
 
 @dataclass
@@ -101,33 +102,79 @@ def sample_layout(batch: int, frames: int, window: int, cfg: TeacherStageConfig,
     return Layout(t=t, weight=weight, n_rolling=n_roll)
 
 
+NEW_IN_PREV_FRAME = ("prev_embed.", "t_prev_mlp.")   # parameters frame stacking adds (zero-initialised)
+
+
+def warm_start(dit: WorldDiT, path: str, schema: ActionSchema, codec_id: str) -> str:
+    """Copy a teacher checkpoint's world-model weights into ``dit``; returns the checkpoint id.
+
+    The model configs must agree except ``prev_frame``: turning frame stacking on keeps every
+    old weight and starts the new, zero-initialised ones at zero, so the run begins exactly
+    as the old model. The checkpoint must have been trained on this run's codec.
+    """
+    from world_model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path, schema)            # refuses codec-only checkpoints itself
+    theirs = (ck.config.get("training") or {}).get("codec_id")
+    if theirs != codec_id:
+        raise ConfigError(f"stage.init={path}: trained on codec {theirs}, this run encodes with {codec_id}")
+    a, b = to_plain(ck.dit.cfg), to_plain(dit.cfg)
+    diff = sorted(k for k in a.keys() | b.keys() if k != "prev_frame" and a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(f"stage.init={path}: model config differs in {diff[0]} "
+                          f"({a.get(diff[0])} vs {b.get(diff[0])})")
+    if ck.dit.cfg.prev_frame and not dit.cfg.prev_frame:
+        raise ConfigError(f"stage.init={path}: uses frame stacking (model.prev_frame) and this run does not")
+    missing, unexpected = dit.load_state_dict({k: v.float() for k, v in ck.dit.state_dict().items()},
+                                              strict=False)
+    bad = [k for k in missing if not k.startswith(NEW_IN_PREV_FRAME)] + list(unexpected)
+    if bad:
+        raise ConfigError(f"stage.init={path}: parameter {bad[0]} does not match this model")
+    return ck.id
+
+
 class TeacherObjective(nn.Module):
     """forward = the batch loss, so one DDP forward covers both layouts' passes."""
 
-    def __init__(self, dit: WorldDiT, frames: int, window: int) -> None:
+    def __init__(self, dit: WorldDiT, frames: int, window: int, sink_frames: int = 1) -> None:
         super().__init__()
         self.dit = dit
+        self.S = sink_frames
         T = dit.tokens_per_frame
         self.register_buffer("causal", masks.block_causal(frames, T), persistent=False)
         self.register_buffer("rolling", masks.rolling_train_mask(frames - window, window, T),
                              persistent=False)
 
     def per_sample(self, x0: Tensor, controls: Tensor, t: Tensor, eps: Tensor, weight: Tensor,
-                   mask: Tensor) -> Tensor:
-        """(B,) weighted velocity MSE; x0, eps (B, F, C, h, w), t and weight (B, F)."""
+                   mask: Tensor, sink_gap: Tensor | None = None) -> Tensor:
+        """(B,) weighted velocity MSE; x0, eps (B, F, C, h, w), t and weight (B, F).
+
+        sink_gap (B,): frame stacking gives the first frame after a gapped sink no
+        predecessor (zeros at level 1): the frame before it is not in the clip.
+        """
         xt = add_noise(x0, t[:, :, None, None, None], eps)                # (B, F, C, h, w)
-        v = self.dit(xt, t, controls, mask=mask)                          # (B, F, C, h, w)
+        prev = None
+        if self.dit.cfg.prev_frame:
+            px, pt = prev_inputs(xt, t)                                    # (B, F, C, h, w), (B, F)
+            if sink_gap is not None and bool((sink_gap > 0).any()) and self.S < xt.shape[1]:
+                cut = (sink_gap > 0).to(xt.dtype)                          # (B,)
+                px, pt = px.clone(), pt.clone()
+                px[:, self.S] = px[:, self.S] * (1 - cut)[:, None, None, None]
+                pt[:, self.S] = pt[:, self.S] * (1 - cut) + cut
+            prev = (px, pt)
+        v = self.dit(xt, t, controls, mask=mask, prev=prev)               # (B, F, C, h, w)
         err = (v - velocity_target(x0, eps)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
         return (err * weight).sum(1) / weight.sum(1).clamp_min(1e-8)
 
     def forward(self, x0: Tensor, controls: Tensor, t: Tensor, eps: Tensor, weight: Tensor,
-                n_rolling: int) -> Tensor:
+                n_rolling: int, sink_gap: Tensor | None = None) -> Tensor:
         parts = []
         r = n_rolling
+        g = sink_gap if sink_gap is not None else torch.zeros(x0.shape[0], dtype=torch.long)
         if r:
-            parts.append(self.per_sample(x0[:r], controls[:r], t[:r], eps[:r], weight[:r], self.rolling))
+            parts.append(self.per_sample(x0[:r], controls[:r], t[:r], eps[:r], weight[:r], self.rolling, g[:r]))
         if r < x0.shape[0]:
-            parts.append(self.per_sample(x0[r:], controls[r:], t[r:], eps[r:], weight[r:], self.causal))
+            parts.append(self.per_sample(x0[r:], controls[r:], t[r:], eps[r:], weight[r:], self.causal, g[r:]))
         return torch.cat(parts).mean()
 
 
@@ -190,7 +237,9 @@ class TeacherTask(Task):
                                  sink_frames=self.S, p_sink=cfg.p_sink, max_sink_gap=cfg.max_sink_gap,
                                  seed=seed, rank=dist.rank)
         torch.manual_seed(seed)  # same initial weights on every rank and every fresh run
-        self.model = TeacherObjective(WorldDiT(self.model_cfg), self.F, self.W)
+        self.model = TeacherObjective(WorldDiT(self.model_cfg), self.F, self.W, self.S)
+        # a resumed run loads its own state over these weights afterwards (Trainer)
+        self.init_id = warm_start(self.model.dit, cfg.init, schema, self.codec_id) if cfg.init else None
         self._val: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ training
@@ -202,7 +251,8 @@ class TeacherTask(Task):
                             step_torch_generator(self.seed, self.dist.rank, pos))
         gen = step_torch_generator(self.seed, self.dist.rank, pos, stream=2)
         eps = torch.randn(batch.latents.shape, generator=gen)             # (B, F, C, h, w)
-        loss = model(batch.latents, batch.controls, lay.t, eps, lay.weight, lay.n_rolling)
+        loss = model(batch.latents, batch.controls, lay.t, eps, lay.weight, lay.n_rolling,
+                     torch.from_numpy(batch.sink_gap))
         return loss, {"rolling_frac": lay.n_rolling / self.cfg.batch,
                       "sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
 
@@ -294,7 +344,7 @@ class TeacherTask(Task):
                                extra={"sampler_defaults": self.sampler_defaults,
                                       "training": {**training, "codec_id": self.codec_id,
                                                    "clip_frames": self.F, "window": self.W,
-                                                   "classic": self.classic}})
+                                                   "classic": self.classic, "init_from": self.init_id}})
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": to_plain(self.model_cfg), "codec_id": self.codec_id, "clip_frames": self.F,

@@ -59,6 +59,8 @@ class SamplerConfig:
     context_t: float = 0.0      # noise level at which clean frames are written to the history
     use_cache: bool = True      # False: RecomputeHistory reference (slow, exact)
     action_guidance: float = 0.0  # w: v(u) + w (v(u) - v(idle)); 0 = off (w > 0 costs a 2nd forward)
+    guidance_center: bool = False  # remove each frame's per-channel spatial mean from the guidance term
+    guidance_min_t: float = 0.0   # guide only window frames at noise level >= this (0 = all)
     substeps: int = 1           # rolling: forwards per tick (each frame crosses its band in M steps)
 
     def validate(self) -> None:
@@ -74,6 +76,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.substeps must be >= 1, got {self.substeps}")
         if not 0.0 <= self.action_guidance <= 10.0:
             raise ValueError(f"sampler.action_guidance must be in [0, 10], got {self.action_guidance}")
+        if not 0.0 <= self.guidance_min_t <= 1.0:
+            raise ValueError(f"sampler.guidance_min_t must be in [0, 1], got {self.guidance_min_t}")
 
 
 def resolve_sampler_config(checkpoint_defaults: Mapping[str, Any] | None,
@@ -101,6 +105,23 @@ class History(ABC):
         self.model = model
         self.S, self.L = sink_frames, cache_frames
         self.num_forwards = 0                      # model calls made (benchmarks, tests)
+        # Frame stacking (ModelConfig.prev_frame): every frame also sees its predecessor as the
+        # model saw it. The newest committed frame, (x (C, h, w), level) even when not stored,
+        # is the predecessor of the next commit and of the first query frame.
+        self.stack = bool(model.cfg.prev_frame)
+        self._last: tuple[Tensor, float] | None = None
+
+    def _prev_of_commit(self, x: Tensor) -> tuple[Tensor, float]:
+        """(x, level) of the frame before one being committed now (zeros at 1: none)."""
+        return self._last if self._last is not None else (torch.zeros_like(x), 1.0)
+
+    def _query_prev(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Previous frames ((F, C, h, w), (F,)) of query frames x (F, C, h, w) at t (F,), or None."""
+        if not self.stack:
+            return None
+        px, pt = self._prev_of_commit(x[0])
+        return (torch.cat([px[None].to(x.dtype), x[:-1]]),
+                torch.cat([torch.full((1,), pt, dtype=t.dtype, device=t.device), t[:-1]]))
 
     @abstractmethod
     def commit(self, x: Tensor, level: float, control: Tensor) -> None:
@@ -122,7 +143,8 @@ class CachedHistory(History):
         super().__init__(model, sink_frames, cache_frames)
         self.cache = KVCache(model.cfg.depth, sink_frames, cache_frames, model.tokens_per_frame)
         self.fold = fold_rerun
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # x (1,1,C,h,w), t (1,1), u (1,1,4)
+        # x (1,1,C,h,w), t (1,1), u (1,1,4), and with frame stacking its prev ((1,1,C,h,w), (1,1))
+        self._pending: tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor] | None] | None = None
         # folded-window masks, ready for attend (prepare_mask), per (P, F, dtype, device): a
         # stream has a handful of shapes (warm-up, steady state), so the dict stays tiny
         self._masks: dict[tuple[int, int, torch.dtype, torch.device], Tensor | None] = {}
@@ -150,14 +172,22 @@ class CachedHistory(History):
     def commit(self, x: Tensor, level: float, control: Tensor) -> None:
         item = (x[None, None], torch.full((1, 1), level, dtype=x.dtype, device=x.device),
                 control[None, None].to(x.dtype))                      # (1,1,C,h,w), (1,1), (1,1,4)
+        prev = None
+        if self.stack:
+            px, pt = self._prev_of_commit(x)
+            prev = (px[None, None].to(x.dtype), torch.full((1, 1), pt, dtype=x.dtype, device=x.device))
+        self._last = (x, level)
         self._flush()
         if not self._kept():
             return
         if self.fold:
-            self._pending = item                                      # written by the next predict()
+            self._pending = (item, prev)                              # written by the next predict()
             return
+        self._write(item, prev)
+
+    def _write(self, item: tuple[Tensor, Tensor, Tensor], prev: tuple[Tensor, Tensor] | None) -> None:
         self._make_room()
-        _, fkv = self.model.forward_kv(*item, past=self.cache.past())  # one frame: no mask needed
+        _, fkv = self.model.forward_kv(*item, past=self.cache.past(), prev=prev)  # one frame: no mask
         self.num_forwards += 1
         self.cache.append(fkv)
 
@@ -165,27 +195,30 @@ class CachedHistory(History):
         """Write a pending frame with its own forward (only when two commits come back to back)."""
         if self._pending is None:
             return
-        item, self._pending = self._pending, None
-        self._make_room()
-        _, fkv = self.model.forward_kv(*item, past=self.cache.past())
-        self.num_forwards += 1
-        self.cache.append(fkv)
+        (item, prev), self._pending = self._pending, None
+        self._write(item, prev)
 
     def predict(self, x: Tensor, t: Tensor, controls: Tensor) -> Tensor:
         Fq = x.shape[0]
         xq, tq, uq = x[None], t[None], controls[None]                # (1,F,C,h,w), (1,F), (1,F,4)
         if tq.dtype != x.dtype or uq.dtype != x.dtype:
             tq, uq = tq.to(x.dtype), uq.to(x.dtype)
+        qprev = self._query_prev(xq[0], tq[0])
         if self._pending is None:
-            v = self.model(xq, tq, uq, past=self.cache.past())       # window sees everything: no mask
+            prev = (qprev[0][None], qprev[1][None]) if qprev is not None else None
+            v = self.model(xq, tq, uq, past=self.cache.past(), prev=prev)  # window sees everything: no mask
             self.num_forwards += 1
             return v[0]
-        (px, pt, pu), self._pending = self._pending, None
+        ((px, pt, pu), pprev), self._pending = self._pending, None
         self._make_room()
         past = self.cache.past()
         mask = self._fold_mask(past.num_frames, Fq, x)
+        prev = None
+        if qprev is not None and pprev is not None:                   # (1, 1+F, ...) like the input
+            prev = (torch.cat([pprev[0], qprev[0][None]], 1), torch.cat([pprev[1], qprev[1][None]], 1))
         v, fkv = self.model.forward_kv(torch.cat([px, xq], 1), torch.cat([pt, tq], 1),
-                                       torch.cat([pu, uq], 1), past=past, mask=mask)  # (1, 1+F, C, h, w)
+                                       torch.cat([pu, uq], 1), past=past, mask=mask,
+                                       prev=prev)                     # (1, 1+F, C, h, w)
         self.num_forwards += 1
         self.cache.append(fkv.select(0, 1))                          # the clean front frame's K/V
         return v[0, 1:]
@@ -193,6 +226,7 @@ class CachedHistory(History):
     def reset(self) -> None:
         self.cache.reset()
         self._pending = None
+        self._last = None
 
 
 class RecomputeHistory(History):
@@ -203,14 +237,17 @@ class RecomputeHistory(History):
         L = cache_frames
         # rolling frames whose layer-(depth-1) inputs can still reach a query
         self.keep = L + (model.cfg.depth - 1) * max(L - 1, 0)
-        self.frames: list[tuple[int, Tensor, float, Tensor]] = []   # (commit index, x, level, control)
+        # (commit index, x, level, control, previous frame's x, its level)
+        self.frames: list[tuple[int, Tensor, float, Tensor, Tensor, float]] = []
         self.n = 0                                                  # frames committed so far
 
     def commit(self, x: Tensor, level: float, control: Tensor) -> None:
+        px, pt = self._prev_of_commit(x)
+        self._last = (x, level)
         if self.n >= self.S and self.L == 0:
             self.n += 1
             return
-        self.frames.append((self.n, x, level, control))
+        self.frames.append((self.n, x, level, control, px, pt))
         self.n += 1
         sink = [f for f in self.frames if f[0] < self.S]
         rolling = [f for f in self.frames if f[0] >= self.S][-self.keep:] if self.keep else []
@@ -231,15 +268,19 @@ class RecomputeHistory(History):
         seq_x: list[Tensor] = []
         seq_t: list[float] = []
         seq_u: list[Tensor] = []
+        seq_px: list[Tensor] = []                        # frame stacking: each frame's own predecessor
+        seq_pt: list[float] = []
         pos: list[int] = []
         copy_start: dict[int, int] = {}                  # offset -> sequence index of its sink copy
         for o in offsets:
             copy_start[o] = len(pos)
-            for j, fx, lv, fu in sink:
+            for j, fx, lv, fu, px, pt in sink:
                 seq_x.append(fx); seq_t.append(lv); seq_u.append(fu); pos.append(o + j)
+                seq_px.append(px); seq_pt.append(pt)
         roll_start = len(pos)
-        for j, fx, lv, fu in rolling:
+        for j, fx, lv, fu, px, pt in rolling:
             seq_x.append(fx); seq_t.append(lv); seq_u.append(fu); pos.append(j)
+            seq_px.append(px); seq_pt.append(pt)
         q_start = len(pos)
         pos += list(range(self.n, self.n + Fq))
         N = len(pos)
@@ -260,14 +301,21 @@ class RecomputeHistory(History):
         ts = torch.cat([torch.tensor(seq_t, dtype=x.dtype, device=x.device), t.to(x.dtype)])  # (N,)
         us = torch.cat([torch.stack(seq_u).to(x.dtype), controls.to(x.dtype)]) if seq_u else controls
         mask = masks.expand(m, self.model.tokens_per_frame).to(x.device)
+        prev = None
+        qprev = self._query_prev(x, t)
+        if qprev is not None:
+            pxs = torch.cat([torch.stack(seq_px).to(x.dtype), qprev[0]]) if seq_px else qprev[0]
+            pts = torch.cat([torch.tensor(seq_pt, dtype=x.dtype, device=x.device), qprev[1].to(x.dtype)])
+            prev = (pxs[None], pts[None])                                      # (1, N, C, h, w), (1, N)
         v = self.model(xs[None], ts[None], us[None].to(x.dtype), mask=mask,
-                       time_pos=torch.tensor(pos, device=x.device))          # (1, N, C, h, w)
+                       time_pos=torch.tensor(pos, device=x.device), prev=prev)  # (1, N, C, h, w)
         self.num_forwards += 1
         return v[0, q_start:]
 
     def reset(self) -> None:
         self.frames = []
         self.n = 0
+        self._last = None
 
 
 class StreamSampler(ABC):
@@ -305,12 +353,22 @@ class StreamSampler(ABC):
         trained with every frame's control). The difference is what the action changes, so
         w > 0 exaggerates it, and an idle window is left exactly as it was. The second
         forward runs after the first wrote any pending history frame: both see one history.
+
+        ``guidance_center``: the guidance term loses its spatial mean per frame and latent
+        channel, so it can move structure but not a frame's overall colour (uncentred
+        guidance shifted the world's colours within seconds: docs/world_model.md).
+        ``guidance_min_t``: only frames at noise >= this are guided (the layout is decided
+        at high noise, textures and colours at low noise).
         """
         v = self.history.predict(x, t, controls)
         w = self.cfg.action_guidance
         if w > 0:
-            v_idle = self.history.predict(x, t, torch.zeros_like(controls))
-            v = v + w * (v - v_idle)
+            delta = v - self.history.predict(x, t, torch.zeros_like(controls))   # (F, C, h, w)
+            if self.cfg.guidance_center:
+                delta = delta - delta.mean(dim=(-2, -1), keepdim=True)
+            if self.cfg.guidance_min_t > 0:
+                delta = delta * (t >= self.cfg.guidance_min_t).to(delta.dtype).view(-1, 1, 1, 1)
+            v = v + w * delta
         return v
 
     def _commit(self, x0: Tensor, control: Tensor) -> None:
