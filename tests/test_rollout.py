@@ -16,10 +16,11 @@ from world_model.schedule import euler_levels, rolling_levels
 C, R = 4, 4
 
 
-def _model(depth: int = 3) -> WorldDiT:
+def _model(depth: int = 3, prev_frame: bool = False) -> WorldDiT:
     """A tiny model with non-zero outputs (adaLN-Zero would make a fresh one output 0)."""
     torch.manual_seed(0)
-    m = WorldDiT(ModelConfig(latent_channels=C, latent_res=R, patch=2, d_model=32, depth=depth, heads=2))
+    m = WorldDiT(ModelConfig(latent_channels=C, latent_res=R, patch=2, d_model=32, depth=depth, heads=2,
+                             prev_frame=prev_frame))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.2)
@@ -45,15 +46,18 @@ def test_chosen_windows_tile_every_frame_exactly_once(W: int) -> None:
         chosen_ticks(5, W, W)
 
 
-@pytest.mark.parametrize("late_binding,fold,context_t,renoise", [
-    (True, True, 0.0, "fresh"), (True, False, 0.0, "fresh"), (False, True, 0.0, "fresh"),
-    (False, False, 0.0, "fresh"), (True, True, 0.3, "fresh"), (False, False, 0.3, "fresh"),
-    (True, True, 0.3, "ode"), (False, False, 0.0, "ode")])
+@pytest.mark.parametrize("late_binding,fold,context_t,renoise,stack", [
+    (True, True, 0.0, "fresh", False), (True, False, 0.0, "fresh", False), (False, True, 0.0, "fresh", False),
+    (False, False, 0.0, "fresh", False), (True, True, 0.3, "fresh", False), (False, False, 0.3, "fresh", False),
+    (True, True, 0.3, "ode", False), (False, False, 0.0, "ode", False),
+    (True, True, 0.3, "fresh", True), (True, False, 0.0, "ode", True)])
 def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bool, fold: bool,
-                                                                context_t: float, renoise: str) -> None:
+                                                                context_t: float, renoise: str,
+                                                                stack: bool) -> None:
     """No grad, B = 1, same seed: frame for frame the inference stream, also once the cache rolls
-    (S = 1, L = 2, 10 frames after 3 context frames, depth 3), also with a noisy history."""
-    m, W, N = _model(), 3, 10
+    (S = 1, L = 2, 10 frames after 3 context frames, depth 3), also with a noisy history, also
+    with frame stacking (each frame's predecessor carried as the sampler carries it)."""
+    m, W, N = _model(prev_frame=stack), 3, 10
     ctx, cu, fu = _inputs(1, 3, N + W - 1)
     if not late_binding:
         # the sampler without late binding gives a frame the control of the step it enters at,
@@ -72,9 +76,9 @@ def test_rolling_rollout_emits_what_the_rolling_sampler_streams(late_binding: bo
     assert not ro.samples.requires_grad and ro.grad_ticks == []
 
 
-@pytest.mark.parametrize("context_t", [0.0, 0.3])
-def test_causal_rollout_with_the_last_exit_step_is_the_causal_sampler(context_t: float) -> None:
-    m, W, N = _model(), 3, 8
+@pytest.mark.parametrize("context_t,stack", [(0.0, False), (0.3, False), (0.3, True)])
+def test_causal_rollout_with_the_last_exit_step_is_the_causal_sampler(context_t: float, stack: bool) -> None:
+    m, W, N = _model(prev_frame=stack), 3, 8
     ctx, cu, fu = _inputs(1, 3, N)
     sampler = make_sampler(m, SamplerConfig(name="causal", steps=W, sink_frames=1, cache_frames=2,
                                             context_t=context_t))

@@ -152,11 +152,12 @@ class DistillModel(nn.Module):
 
 
 def score_velocity(net: WorldDiT, hist: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor, u: Tensor,
-                   mask: Tensor) -> Tensor:
+                   mask: Tensor, sink: int = 0) -> Tensor:
     """Velocity of noisy frames xt (B, N, C, h, w) at t (B, N), controls u (B, N, 4), each after its
-    own clean history hist (B, N, H, C, h, w) / hist_u (B, N, H, 4), block-causal (``mask``)."""
+    own clean history hist (B, N, H, C, h, w) / hist_u (B, N, H, 4), block-causal (``mask``); ``sink``:
+    the history's sink frames (``sequence_velocity``)."""
     v = sequence_velocity(net, hist, t.new_zeros(hist.shape[:3]), hist_u, xt[:, :, None], t[:, :, None],
-                          u[:, :, None], mask)
+                          u[:, :, None], mask, sink)
     return v[:, :, 0]
 
 
@@ -186,10 +187,6 @@ class DistillTask(TeacherTask):
             raise ConfigError("stage=distill runs in one process (its generator/critic alternation "
                               "is not wired to DistributedDataParallel); drop torchrun")
         ck = load_checkpoint(teacher, schema)
-        if ck.dit is not None and ck.dit.cfg.prev_frame:
-            # the batched training rollouts (rollout.py) do not feed predecessors yet
-            raise ConfigError(f"teacher={teacher}: stage=distill does not support frame stacking "
-                              f"(model.prev_frame) yet; the samplers, play and evaluate do")
         sd = dict(ck.config.get("sampler_defaults") or {})
         S = _resolved(cfg.sink_frames, sd, "sink_frames", 1)
         L = _resolved(cfg.cache_frames, sd, "cache_frames", 3)
@@ -291,7 +288,7 @@ class DistillTask(TeacherTask):
         tb = t[:, :, None, None, None]
         xd = x.detach()
         v = score_velocity(model.critic, hist, hist_u, add_noise(xd, tb, eps), t, ro.sample_controls,
-                           self.score_mask)
+                           self.score_mask, self.S)
         critic = flow_matching_loss(v, xd, eps)
         total, gen_loss, gap = critic, math.nan, math.nan
         if gen_step:
@@ -301,9 +298,9 @@ class DistillTask(TeacherTask):
             xt = add_noise(xd, tb, torch.randn(x.shape, generator=g))
             with torch.no_grad():
                 real = x0_from_v(xt, tb, score_velocity(self.teacher, hist, hist_u, xt, t, ro.sample_controls,
-                                                        self.score_mask))
+                                                        self.score_mask, self.S))
                 fake = x0_from_v(xt, tb, score_velocity(model.critic, hist, hist_u, xt, t, ro.sample_controls,
-                                                        self.score_mask))
+                                                        self.score_mask, self.S))
             g_loss = dmd_loss(x, real, fake)
             total = total + c.dmd_weight * g_loss
             gen_loss, gap = float(g_loss.detach()), float((fake - real).abs().mean())
@@ -339,7 +336,8 @@ class DistillTask(TeacherTask):
         ht = torch.rand(h.shape[:3], generator=g) * c.truth_context_noise          # (B, K, H)
         hn = add_noise(h, ht[..., None, None, None], torch.randn(h.shape, generator=g))
         eps = torch.randn(x0.shape, generator=g)
-        v = sequence_velocity(student, hn, ht, hu, add_noise(x0, t[..., None, None, None], eps), t, u, mask)
+        v = sequence_velocity(student, hn, ht, hu, add_noise(x0, t[..., None, None, None], eps), t, u, mask,
+                              self.S)
         return flow_matching_loss(v, x0, eps)
 
     def ode_loss(self, student: WorldDiT, batch: ClipBatch, pos: int) -> tuple[Tensor, dict[str, float]]:

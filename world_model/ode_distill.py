@@ -186,5 +186,5 @@ def coupling_loss(student: WorldDiT, context: Tensor, context_controls: Tensor, 
     y = add_noise(xw, t[..., None, None, None], zw)
     u = controls.to(z.dtype)[rows, fronts][:, :, None].expand(*fronts.shape, W, controls.shape[-1])
     mask = masks.rolling_train_mask(S + L, W, student.tokens_per_frame)
-    v = sequence_velocity(student, h, ht, hu, y, t, u, mask)
+    v = sequence_velocity(student, h, ht, hu, y, t, u, mask, S)
     return flow_matching_loss(v, xw, zw)

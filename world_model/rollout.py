@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from . import masks
-from .dit import PastKV, WorldDiT
+from .dit import PastKV, WorldDiT, prev_inputs
 from .kv_cache import KVCache
 from .schedule import eps_from_v, euler_levels, renoise, rolling_bands, x0_from_v
 
@@ -119,8 +119,13 @@ class BatchHistory:
         self.model, self.S, self.L, self.fold = model, sink_frames, cache_frames, fold_rerun
         self.context_t, self.generator = context_t, generator
         self.cache = KVCache(model.cfg.depth, sink_frames, cache_frames, model.tokens_per_frame)
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None   # x (B,1,C,h,w), t (B,1), u (B,1,4)
+        # x (B,1,C,h,w), t (B,1), u (B,1,4), and with frame stacking its predecessor ((B,1,C,h,w), (B,1))
+        self._pending: tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor] | None] | None = None
         self.calls: list[bool] = []
+        # frame stacking (ModelConfig.prev_frame): the newest committed frame (B, C, h, w) and its
+        # level are the predecessor of the next commit and of the first window frame
+        self.stack = bool(model.cfg.prev_frame)
+        self._last: tuple[Tensor, float] | None = None
 
     def _kept(self) -> bool:
         return self.cache.sink_frames < self.S or self.L > 0
@@ -140,25 +145,39 @@ class BatchHistory:
             assert self.generator is not None
             x = renoise(x, lv, _noise(self.generator, x, *x.shape))
         item = (x[:, None], x.new_full((x.shape[0], 1), lv), control[:, None].to(x.dtype))
+        prev = None
+        if self.stack:
+            px, pt = self._last if self._last is not None else (torch.zeros_like(x), 1.0)
+            prev = (px[:, None], x.new_full((x.shape[0], 1), pt))
+        self._last = (x, lv)
         self._flush()
         if not self._kept():
             return
         if self.fold:
-            self._pending = item
+            self._pending = (item, prev)
             return
-        self._write(item)
+        self._write(item, prev)
 
     @torch.no_grad()
-    def _write(self, item: tuple[Tensor, Tensor, Tensor]) -> None:
+    def _write(self, item: tuple[Tensor, Tensor, Tensor], prev: tuple[Tensor, Tensor] | None) -> None:
         self._make_room()
-        _, fkv = self.model.forward_kv(*item, past=self.cache.past())
+        _, fkv = self.model.forward_kv(*item, past=self.cache.past(), prev=prev)
         self.calls.append(False)
         self.cache.append(fkv)
 
     def _flush(self) -> None:
         if self._pending is not None:
-            item, self._pending = self._pending, None
-            self._write(item)
+            (item, prev), self._pending = self._pending, None
+            self._write(item, prev)
+
+    def _window_prev(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Predecessors ((B, F, C, h, w), (B, F)) of window frames x (B, F, C, h, w) at t (B, F)."""
+        if not self.stack:
+            return None
+        if self._last is None:
+            return prev_inputs(x, t)
+        lx, lt = self._last
+        return prev_inputs(x, t, (lx, t.new_full((x.shape[0],), lt)))
 
     def predict(self, x: Tensor, t: Tensor, controls: Tensor, grad: bool) -> Tensor:
         """Velocity (B, F, C, h, w) of window frames x (B, F, C, h, w) at t (B, F), controls (B, F, 4).
@@ -169,21 +188,26 @@ class BatchHistory:
         if self._pending is not None and grad:
             self._flush()
         T = self.model.tokens_per_frame
+        qprev = self._window_prev(x, t.to(x.dtype))
         if self._pending is None:
             past = self.cache.past()
             if grad:   # the cache buffers are overwritten in place later: give autograd its own copy
                 past = PastKV([(k.clone(), v.clone()) for k, v in past.kv], past.num_frames)
             with torch.set_grad_enabled(grad):
-                v = self.model(x, t, controls, past=past)
+                v = self.model(x, t, controls, past=past, prev=qprev)
             self.calls.append(grad)
             return v
-        (px, pt, pu), self._pending = self._pending, None
+        ((px, pt, pu), pprev), self._pending = self._pending, None
         with torch.no_grad():
             self._make_room()
             past = self.cache.past()
             mask = masks.window_mask(past.num_frames, x.shape[1], T, clean_front=1).to(x.device)
+            prev = None
+            if qprev is not None and pprev is not None:
+                prev = (torch.cat([pprev[0], qprev[0]], 1), torch.cat([pprev[1], qprev[1]], 1))
             v, fkv = self.model.forward_kv(torch.cat([px, x], 1), torch.cat([pt, t.to(x.dtype)], 1),
-                                           torch.cat([pu, controls.to(x.dtype)], 1), past=past, mask=mask)
+                                           torch.cat([pu, controls.to(x.dtype)], 1), past=past, mask=mask,
+                                           prev=prev)
             self.calls.append(False)
             self.cache.append(fkv.select(0, 1))
         return v[:, 1:]
@@ -322,16 +346,26 @@ def frame_histories(stream: Tensor, stream_controls: Tensor, first: int, sink: i
 
 
 def sequence_velocity(net: WorldDiT, hist: Tensor, hist_t: Tensor, hist_u: Tensor, xt: Tensor, t: Tensor,
-                      u: Tensor, mask: Tensor) -> Tensor:
+                      u: Tensor, mask: Tensor, sink: int = 0) -> Tensor:
     """Velocity of noisy frames xt (B, N, K, C, h, w) at t (B, N, K), controls u (B, N, K, 4), each
     group of K after its own history hist (B, N, H, C, h, w) at levels hist_t (B, N, H), hist_u (B, N, H, 4).
 
     The B*N sequences of H + K frames are one batch under ``mask``: (B, N, K, C, h, w) out.
+    Frame stacking: each frame's predecessor is the one before it in the sequence, except
+    the frame after the ``sink`` first history frames, which gets none (zeros at level 1):
+    the sink was captured long before it, as in the teacher's gapped-sink clips.
     """
     B, N, H = hist.shape[:3]
     K = xt.shape[2]
     seq = torch.cat([hist, xt], 2).flatten(0, 1)                                  # (B*N, H+K, C, h, w)
     ts = torch.cat([hist_t, t], 2).flatten(0, 1)                                  # (B*N, H+K)
     us = torch.cat([hist_u, u], 2).flatten(0, 1)                                  # (B*N, H+K, 4)
-    v = net(seq, ts, us, mask=mask)[:, H:]                                        # (B*N, K, C, h, w)
+    prev = None
+    if net.cfg.prev_frame:
+        px, pt = prev_inputs(seq, ts)
+        if 0 < sink < H:
+            px, pt = px.clone(), pt.clone()
+            px[:, sink], pt[:, sink] = 0.0, 1.0
+        prev = (px, pt)
+    v = net(seq, ts, us, mask=mask, prev=prev)[:, H:]                             # (B*N, K, C, h, w)
     return v.reshape(B, N, K, *v.shape[2:])
