@@ -17,9 +17,10 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available: graph capt
                                 "memory are CUDA-only")
 
 
-def awake_model(seed: int = 0) -> WorldDiT:
+def awake_model(seed: int = 0, prev_frame: bool = False) -> WorldDiT:
     torch.manual_seed(seed)
-    m = WorldDiT(ModelConfig(latent_channels=4, latent_res=4, patch=2, d_model=32, depth=2, heads=2)).eval()
+    m = WorldDiT(ModelConfig(latent_channels=4, latent_res=4, patch=2, d_model=32, depth=2, heads=2,
+                             prev_frame=prev_frame)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))   # wake the zero-initialised gates: outputs depend on inputs
@@ -53,9 +54,11 @@ def test_prepare_for_device_keeps_fp32_on_cpu() -> None:
     SamplerConfig(name="causal", steps=2, sink_frames=1, cache_frames=2),
     SamplerConfig(name="rolling", steps=2, sink_frames=1, cache_frames=2, use_cache=False),
 ], ids=["rolling-fold", "rolling-nofold", "causal", "rolling-recompute"])
-def test_static_window_step_equals_plain_path(cfg: SamplerConfig) -> None:
-    """The static-buffer plumbing (what a CUDA graph replays) changes nothing on CPU."""
-    m = awake_model()
+@pytest.mark.parametrize("stack", [False, True], ids=["plain", "stacked"])
+def test_static_window_step_equals_plain_path(cfg: SamplerConfig, stack: bool) -> None:
+    """The static-buffer plumbing (what a CUDA graph replays) changes nothing on CPU, also with
+    frame stacking (the predecessors get static buffers too)."""
+    m = awake_model(prev_frame=stack)
     plain = stream(m, cfg)
     ws = WindowStep(m, mode="static")
     fast = stream(ws, cfg)
@@ -98,8 +101,9 @@ def test_frame_stager_ring_equals_tensor_to_frames() -> None:
 
 
 @needs_cuda
-def test_cuda_graph_replay_matches_eager() -> None:
-    m = awake_model().cuda()
+@pytest.mark.parametrize("stack", [False, True], ids=["plain", "stacked"])
+def test_cuda_graph_replay_matches_eager(stack: bool) -> None:
+    m = awake_model(prev_frame=stack).cuda()
     cfg = SamplerConfig(name="rolling", steps=3, sink_frames=1, cache_frames=2)
     plain = stream(m, cfg, frames=12, device="cuda")
     ws = WindowStep(m, mode="cuda_graph", warmup_calls=2)

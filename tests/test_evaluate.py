@@ -157,9 +157,26 @@ def test_delta_drift_is_undefined_with_one_bin() -> None:
     assert json.loads(json.dumps(_clean(one)))["delta_drift"] is None          # null in eval.json
     two = summarize_drift([StreamRecord(100000, [_bin(f, f, 70.0, 96.0), _bin(f, f, 56.0, 95.0)], frames=20)])
     assert two["delta_drift"] == pytest.approx(14.0) and two["delta_drift_pct"] == pytest.approx(20.0)
+    assert "quality_codec" not in two and "codec_acc" not in two["action"]     # not measured: not reported
     assert two["delta_drift_real"] == pytest.approx(1.0)
     # MSE 650.25 = (255 / 10)^2 in every frame: pooled PSNR 20 dB
     assert two["psnr_vs_truth_pooled"] == pytest.approx([20.0, 20.0])
+
+
+def test_codec_ceiling_is_judged_like_the_dream() -> None:
+    """Shadow frames through the codec get quality, FD to the real frames, theme and IDM, per bin."""
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(10, 4))
+    b0, b1 = _bin(f, f, 70.0, 96.0), _bin(f, f, 60.0, 96.0)
+    for b, q, shift in ((b0, 90.0, 0.0), (b1, 80.0, 3.0)):
+        b.quality_codec, b.feat_codec = np.full(10, q), (f + shift).astype(np.float32)
+        b.theme_codec = np.arange(10) < (7 if shift else 10)
+        b.idm_codec = np.where(np.arange(10) < 5, 0, 1)
+    out = summarize_drift([StreamRecord(100000, [b0, b1], frames=20)])
+    assert out["quality_codec"] == pytest.approx([90.0, 80.0])
+    assert out["theme_retention_codec"] == pytest.approx([1.0, 0.7])
+    assert out["fd_codec"][0] == pytest.approx(0.0, abs=1e-6) and out["fd_codec"][1] == pytest.approx(4 * 9.0)
+    assert out["action"]["codec_acc"] == pytest.approx(0.5) and out["action"]["codec_balanced_ratio"] == 0.5
 
 
 def test_fd_floor_reference_is_another_path_through_the_streamed_worlds() -> None:
@@ -212,6 +229,11 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert saved["samplers"]["teacher"]["teacher_steps"] == 4 and saved["samplers"]["rolling"]["steps"] == 3
     assert saved["samplers"]["causal"]["sink_frames"] == 1                # null overrides keep the defaults
     assert saved["drift"]["configs"]["teacher"]["frames_per_stream"] == 36
+    first = saved["drift"]["configs"]["rolling"]                         # the codec ceiling, measured once
+    assert len(first["quality_codec"]) == len(first["quality"]) == 3 and len(first["fd_codec"]) == 3
+    assert all(0.0 <= v <= 1.0 for v in first["theme_retention_codec"])
+    assert "quality_codec" not in saved["drift"]["configs"]["causal"]
+    assert 0.0 <= first["action"]["codec_balanced_acc"] <= 1.0
     tf = saved["teacher_forced"]
     assert set(tf["configs"]) == set(names) and tf["positions"] == 4 and tf["copy_last"]["psnr"] > 15
     # pooled PSNR beside the per-frame mean, never above it
@@ -235,6 +257,7 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     md = (out / "eval.md").read_text()
     assert "## Teacher-forced next frame" in md and "| copy-last |" in md and "ΔDrift" in md
     assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
+    assert md.count("| codec (real frames encoded + decoded) |") == 3 and "through the codec" in md
     # a one-bin drift (stream no longer than a bin) prints no ΔDrift, not 0.00
     for v in saved["drift"]["configs"].values():
         for key in ("quality", "quality_real", "fd", "fd_floor", "theme_retention", "theme_retention_real",

@@ -89,6 +89,7 @@ class _Slot:
     u: Tensor
     mask: Optional[Tensor]
     past: Optional[PastKV]
+    prev: Optional[tuple[Tensor, Tensor]] = None    # frame stacking: predecessors and their levels
     calls: int = 0
     graph: Any = None
     out: Optional[tuple[Tensor, FrameKV]] = None
@@ -144,28 +145,35 @@ class WindowStep(nn.Module):
         return self.stats.fallbacks
 
     def forward(self, x: Tensor, t: Tensor, controls: Tensor, past: Optional[PastKV] = None,
-                mask: Optional[Tensor] = None, time_pos: Optional[Tensor] = None) -> Tensor:
-        return self.forward_kv(x, t, controls, past, mask, time_pos)[0]
+                mask: Optional[Tensor] = None, time_pos: Optional[Tensor] = None,
+                prev: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        return self.forward_kv(x, t, controls, past, mask, time_pos, prev)[0]
 
     def forward_kv(self, x: Tensor, t: Tensor, controls: Tensor, past: Optional[PastKV] = None,
-                   mask: Optional[Tensor] = None, time_pos: Optional[Tensor] = None) -> tuple[Tensor, FrameKV]:
+                   mask: Optional[Tensor] = None, time_pos: Optional[Tensor] = None,
+                   prev: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, FrameKV]:
         """Velocity and per-layer K/V like ``WorldDiT.forward_kv``.
 
         With graphs, the returned K/V are the graph's static outputs: valid until the
         next call of the same signature (the samplers copy them into the cache at once).
         """
+        if not self.model.cfg.prev_frame:
+            prev = None                           # ignored by the model: keep the signature keys simple
         if self.mode == "eager" or time_pos is not None or torch.is_grad_enabled():
             self.stats.eager += 1                 # reference paths (explicit positions), training
-            return self.model.forward_kv(x, t, controls, past, mask, time_pos)
+            return self.model.forward_kv(x, t, controls, past, mask, time_pos, prev)
         if self.mode == "compile":
-            v, kv = self._compiled(x, t, controls, past, mask)
+            v, kv = self._compiled(x, t, controls, past, mask, None, prev)
             return v.clone(), FrameKV([(k.clone(), vv.clone()) for k, vv in kv.kv], kv.num_frames)
-        slot = self._slot(x, t, controls, past, mask)
+        slot = self._slot(x, t, controls, past, mask, prev)
         slot.x.copy_(x)
         slot.t.copy_(t)
         slot.u.copy_(controls)
         if slot.mask is not None and mask is not None:
             slot.mask.copy_(mask)
+        if slot.prev is not None and prev is not None:
+            slot.prev[0].copy_(prev[0])
+            slot.prev[1].copy_(prev[1])
         slot.calls += 1
         if self.mode == "cuda_graph" and slot.graph is None and slot.calls > self.warmup_calls:
             self._capture(slot)
@@ -175,19 +183,21 @@ class WindowStep(nn.Module):
             v, kv = slot.out
             return v.clone(), kv
         self.stats.static += 1
-        return self.model.forward_kv(slot.x, slot.t, slot.u, slot.past, slot.mask)
+        return self.model.forward_kv(slot.x, slot.t, slot.u, slot.past, slot.mask, None, slot.prev)
 
     # -------------------------------------------------------------- static buffers / graphs
-    def _slot(self, x: Tensor, t: Tensor, u: Tensor, past: Optional[PastKV], mask: Optional[Tensor]) -> _Slot:
+    def _slot(self, x: Tensor, t: Tensor, u: Tensor, past: Optional[PastKV], mask: Optional[Tensor],
+              prev: Optional[tuple[Tensor, Tensor]] = None) -> _Slot:
         # The cache hands out views of fixed buffers: same P -> same addresses, so a
         # captured graph reads the live cache in place (no copy of the past).
         P = past.num_frames if past is not None else 0
         ptrs = tuple((k.data_ptr(), v.data_ptr()) for k, v in past.kv) if past is not None and P else ()
-        key = (tuple(x.shape), x.dtype, P, ptrs, None if mask is None else tuple(mask.shape))
+        key = (tuple(x.shape), x.dtype, P, ptrs, None if mask is None else tuple(mask.shape), prev is not None)
         slot = self._slots.get(key)
         if slot is None:
             slot = _Slot(torch.empty_like(x), torch.empty_like(t), torch.empty_like(u),
-                         None if mask is None else torch.empty_like(mask), past if P else None)
+                         None if mask is None else torch.empty_like(mask), past if P else None,
+                         None if prev is None else (torch.empty_like(prev[0]), torch.empty_like(prev[1])))
             self._slots[key] = slot
         return slot
 
@@ -198,7 +208,7 @@ class WindowStep(nn.Module):
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            args = (slot.x, slot.t, slot.u, slot.past, slot.mask)
+            args = (slot.x, slot.t, slot.u, slot.past, slot.mask, None, slot.prev)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):             # warm-up on a side stream (cuBLAS workspaces)

@@ -74,9 +74,11 @@ def _drift_section(dr: dict[str, Any]) -> list[str]:
         n_bins = max(len(v[key]) for v in dr["configs"].values())
         real_key = {"quality": "quality_real", "fd": "fd_floor", "theme_retention": "theme_retention_real"}[key]
         first = next(iter(dr["configs"].values()))
+        codec_key = {"quality": "quality_codec", "fd": "fd_codec", "theme_retention": "theme_retention_codec"}[key]
+        codec_row = [["codec (real frames encoded + decoded)", *first[codec_key]]] if codec_key in first else []
         lines += [f"### {title}", ""] + _table(
             ["config", *[str(b) for b in range(n_bins)]],
-            [["real" if key != "fd" else "floor", *first[real_key]]]
+            [["real" if key != "fd" else "floor", *first[real_key]]] + codec_row
             + [[n, *v[key]] for n, v in dr["configs"].items()])
     return lines
 
@@ -95,6 +97,11 @@ def markdown(r: dict[str, Any]) -> str:
               (f"Real held-out pairs: accuracy {_f(r['probes']['idm_acc_heldout'])} "
                f"({r['probes']['idm_pairs_heldout']} pairs); theme classifier on held-out frames: "
                f"{_f(r['probes']['theme_acc_heldout'])}."), ""]
+    a0 = next(iter(r["action_faithfulness"]["configs"].values()), {})
+    if "codec_balanced_acc" in a0:
+        lines += [(f"The streams' real frames through the codec (the ceiling of any dream): accuracy "
+                   f"{_f(a0['codec_acc'])}, balanced {_f(a0['codec_balanced_acc'])} (ratio to real "
+                   f"{_f(a0['codec_balanced_ratio'])})."), ""]
     lines += _table(["config", "pairs", "acc dreamed", "acc real", "ratio", "balanced dreamed", "balanced real",
                      "balanced ratio"],
                     [[n, a["pairs"], a["acc"], a["real_acc"], a["ratio"], a["balanced_acc"], a["real_balanced_acc"],

@@ -61,6 +61,14 @@ def decode_frames(codec: torch.nn.Module, z: torch.Tensor, chunk: int = 256) -> 
                            for i in range(0, z.shape[0], chunk)])
 
 
+@torch.no_grad()
+def roundtrip_frames(codec: torch.nn.Module, frames: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """uint8 frames (N, H, W, 3) encoded and decoded by ``codec``: what a perfect dream would show."""
+    out = [codec.tensor_to_frames(codec.decode(codec.encode(codec.frames_to_tensor(frames[i:i + chunk]))))
+           for i in range(0, len(frames), chunk)]
+    return np.concatenate(out)
+
+
 @dataclass
 class Session:
     """A real held-out session, prepared once for every config."""
@@ -156,6 +164,11 @@ class BinStats:
     action: np.ndarray         # (m,) commanded action class of effective pairs
     idm_gen: np.ndarray        # (m,) IDM on dreamed pairs
     idm_real: np.ndarray       # (m,) IDM on shadow pairs
+    # the codec ceiling: the shadow frames encoded and decoded (None when not measured)
+    quality_codec: Optional[np.ndarray] = None   # (n,)
+    feat_codec: Optional[np.ndarray] = None      # (n, D)
+    theme_codec: Optional[np.ndarray] = None     # (n,) bool
+    idm_codec: Optional[np.ndarray] = None       # (m,)
 
 
 @dataclass
@@ -167,22 +180,35 @@ class StreamRecord:
 
 
 def _judge(gen: np.ndarray, real: np.ndarray, prev_gen: np.ndarray, prev_real: np.ndarray,
-           controls: np.ndarray, theme: int, probes: Probes) -> BinStats:
+           controls: np.ndarray, theme: int, probes: Probes,
+           codec: Optional[tuple[np.ndarray, np.ndarray]] = None) -> BinStats:
+    """Judge one bin; ``codec`` = (round-tripped shadow frames, their previous frames), both (n, H, W, 3)."""
     cls = action_class(controls)                                                # (n,)
     keep = effective_pairs(prev_real, real, cls)                                # judged on the real pair
     feat_gen, theme_gen = probes.features_and_theme(gen)
     feat_real, theme_real = probes.features_and_theme(real)
-    return BinStats(
+    stats = BinStats(
         quality_gen=quality_score(gen, probes.quality_ref), quality_real=quality_score(real, probes.quality_ref),
         feat_gen=feat_gen.astype(np.float32), feat_real=feat_real.astype(np.float32),
         theme_gen=theme_gen == theme, theme_real=theme_real == theme,
         psnr=psnr(gen, real), mse=frame_mse(gen, real), action=cls[keep],
         idm_gen=probes.action_of(prev_gen[keep], gen[keep]), idm_real=probes.action_of(prev_real[keep], real[keep]))
+    if codec is not None:
+        rt, prev_rt = codec
+        feat_rt, theme_rt = probes.features_and_theme(rt)
+        stats.quality_codec = quality_score(rt, probes.quality_ref)
+        stats.feat_codec, stats.theme_codec = feat_rt.astype(np.float32), theme_rt == theme
+        stats.idm_codec = probes.action_of(prev_rt[keep], rt[keep])
+    return stats
 
 
 def run_drift_stream(source: ShadowedSource, probes: Probes, seed: int, n_frames: int, bin_frames: int,
-                     theme: int) -> StreamRecord:
-    """Stream ``n_frames`` frames of world ``seed`` under explorer actions; judge them per bin."""
+                     theme: int, roundtrip: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> StreamRecord:
+    """Stream ``n_frames`` frames of world ``seed`` under explorer actions; judge them per bin.
+
+    ``roundtrip`` (frames (n, H, W, 3) -> the codec's reconstruction of them): also judge the
+    shadow frames after the codec, the ceiling of any dream decoded by that codec.
+    """
     shadow = getattr(source, "shadow", None)
     classic = getattr(shadow, "cfg", None)
     ctrl = ExplorerController(explorer_for(classic) if classic is not None else None, source.schema)
@@ -190,6 +216,7 @@ def run_drift_stream(source: ShadowedSource, probes: Probes, seed: int, n_frames
     rec = StreamRecord(seed)
     last_gen = source.reset(seed)
     last_real = source.ground_truth()
+    last_rt = roundtrip(last_real[None])[0] if roundtrip is not None else None
     h, w = source.resolution
     i = 0
     while i < n_frames:
@@ -206,7 +233,12 @@ def run_drift_stream(source: ShadowedSource, probes: Probes, seed: int, n_frames
         rec.model_seconds += time.perf_counter() - t0
         prev_gen = np.concatenate([last_gen[None], gen[:-1]])
         prev_real = np.concatenate([last_real[None], real[:-1]])
-        rec.bins.append(_judge(gen, real, prev_gen, prev_real, controls, theme, probes))
+        codec = None
+        if roundtrip is not None:
+            rt = roundtrip(real)
+            codec = (rt, np.concatenate([last_rt[None], rt[:-1]]))
+            last_rt = rt[-1]
+        rec.bins.append(_judge(gen, real, prev_gen, prev_real, controls, theme, probes, codec))
         last_gen, last_real = gen[-1], real[-1]
         i += n
     rec.frames = n_frames
@@ -262,6 +294,11 @@ def summarize_drift(records: list[StreamRecord], ref_features: Optional[np.ndarr
         out["psnr_vs_truth"].append(mean_finite(cat("psnr", b)))
         out["psnr_vs_truth_pooled"].append(pooled_psnr_of_mse(cat("mse", b)))
         out["idm_acc"].append(_accuracy(cat("idm_gen", b), cat("action", b))[0])
+    if all(r.bins[b].quality_codec is not None for r in records for b in range(n_bins)):
+        out["quality_codec"] = [float(cat("quality_codec", b).mean()) for b in range(n_bins)]
+        out["fd_codec"] = [frechet_distance(cat("feat_codec", b), cat("feat_real", b))
+                           if len(cat("feat_real", b)) > 1 else float("nan") for b in range(n_bins)]
+        out["theme_retention_codec"] = [float(cat("theme_codec", b).mean()) for b in range(n_bins)]
     nan = float("nan")
     q0, q1 = out["quality"][0], out["quality"][-1]
     r0, r1 = out["quality_real"][0], out["quality_real"][-1]
@@ -278,6 +315,11 @@ def summarize_drift(records: list[StreamRecord], ref_features: Optional[np.ndarr
                      "real_balanced_acc": bal_r, "ratio": acc_g / acc_r if acc_r > 0 else float("nan"),
                      "balanced_ratio": bal_g / bal_r if bal_r > 0 else float("nan"),
                      "class_counts": {c: int(np.sum(action == i)) for i, c in enumerate(ACTION_CLASSES)}}
+    if "quality_codec" in out:
+        codec = np.concatenate([r.bins[b].idm_codec for r in records for b in range(n_bins)])
+        acc_c, bal_c = _accuracy(codec, action)
+        out["action"].update({"codec_acc": acc_c, "codec_balanced_acc": bal_c,
+                              "codec_balanced_ratio": bal_c / bal_r if bal_r > 0 else float("nan")})
     frames = sum(r.frames for r in records)
     out["ms_per_frame"] = 1000.0 * sum(r.model_seconds for r in records) / max(1, frames)
     out["streams"], out["frames_per_stream"] = len(records), records[0].frames

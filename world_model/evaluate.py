@@ -32,7 +32,7 @@ from world_model.eval_metrics import pooled_psnr, psnr, ssim
 from world_model.eval_probes import ACTION_CLASSES, ProbeConfig, Probes, collect_real, heldout_accuracy, train_probes
 from world_model.eval_report import markdown, write_plots
 from world_model.eval_streams import (Session, decode_frames, floor_reference, from_context_metrics, measure_latency,
-                                      run_drift_stream, summarize_drift)
+                                      roundtrip_frames, run_drift_stream, summarize_drift)
 from world_model.neural_world import NeuralConfig, NeuralWorld, classic_config_for
 from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
 
@@ -188,11 +188,14 @@ def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session],
                                    frames_per_seed=bin_frames)   # (N, D)
     out: dict[str, Any] = {"bin_seconds": cfg.bin_seconds, "fps": cfg.fps, "seeds": [s.seed for s in streams],
                            "configs": {}}
-    for name, scfg in scfgs.items():
+    for k, (name, scfg) in enumerate(scfgs.items()):
         minutes = cfg.stream_minutes.get(name) or cfg.minutes
         n_frames = max(1, int(round(minutes * 60 * cfg.fps)))
         world = NeuralWorld(NeuralConfig(sampler=scfg, device="cpu"), DEFAULT_SCHEMA, checkpoint=ckpt)
-        recs = [run_drift_stream(world, probes, s.seed, n_frames, bin_frames, s.theme) for s in streams]
+        # The codec ceiling (the shadow frames through the codec) once, with the first config:
+        # the shadow path follows the explorer on the shadow game, so it is the same for every config.
+        rt = (lambda f: roundtrip_frames(ckpt.codec, f)) if k == 0 else None
+        recs = [run_drift_stream(world, probes, s.seed, n_frames, bin_frames, s.theme, rt) for s in streams]
         out["configs"][name] = {"minutes": minutes, **summarize_drift(recs, ref_features)}
     return out
 
