@@ -280,6 +280,13 @@ def test_stacked_scoring_gives_the_frame_after_the_sink_no_predecessor() -> None
     us = torch.cat([hu[b, n], u[b, n][None]])[None]
     torch.testing.assert_close(v[b, n], m(seq, ts, us, mask=mask, prev=(px, pt))[0, -1], atol=1e-5, rtol=1e-4)
     assert (score_velocity(m, hist, hu, x, t, u, mask, sink=0)[b, n] - v[b, n]).abs().max() > 1e-4
+    # no cache frames (H = S): the scored frame itself follows the sink, so it reads nothing
+    m1 = masks.block_causal(2, m.tokens_per_frame)
+    v1 = score_velocity(m, hist[:, :, :1], hu[:, :, :1], x, t, u, m1, sink=1)
+    px, pt = prev_inputs(seq[:, [0, 2]], ts[:, [0, 2]])
+    px[:, 1], pt[:, 1] = 0.0, 1.0
+    torch.testing.assert_close(v1[b, n], m(seq[:, [0, 2]], ts[:, [0, 2]], us[:, [0, 2]], mask=m1,
+                                           prev=(px, pt))[0, -1], atol=1e-5, rtol=1e-4)
 
 
 def test_distill_trains_a_stacked_student(data: Path, tmp_path: Path) -> None:

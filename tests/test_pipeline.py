@@ -70,7 +70,8 @@ def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -
 
 def test_a_stage_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A training stopped by SIGTERM exits 0 with stop_reason "signal": the pipeline must not skip
-    it next time (it resumes); a stage that finished is marked and skipped."""
+    it next time (it resumes); a stage that finished is marked, and the marks of later stages,
+    made from its previous output, are removed."""
     import world_model.pipeline as pl
 
     def fake_commands(reason: str) -> Any:
@@ -84,5 +85,7 @@ def test_a_stage_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypa
         pl.run(cfg)
     assert not (tmp_path / "stages" / "codec.json").exists()
     monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps"))
+    (tmp_path / "stages" / "teacher.json").write_text("{}")               # made from an older codec
     assert pl.run(cfg)["minutes"].keys() == {"codec"}
     assert json.loads((tmp_path / "stages" / "codec.json").read_text())["summary"]["stop_reason"] == "max_steps"
+    assert not (tmp_path / "stages" / "teacher.json").exists()             # a rerun stage voids later marks

@@ -166,3 +166,26 @@ def test_rollout_refuses_bad_input() -> None:
         rolling_rollout(m, ctx[0], cu, fu, 2, cfg, g, 0, False)
     with pytest.raises(ValueError, match="exit_step"):
         causal_rollout(m, ctx, cu, fu, 2, cfg, g, 2, False)
+
+
+def test_stacked_history_gives_the_frame_after_a_gapped_sink_no_predecessor() -> None:
+    """start_history(sink_gap): streams whose sink came from earlier frames write their first
+    rolling frame with no predecessor (zeros at level 1), the others with the sink."""
+    from world_model.rollout import start_history
+
+    m = _model(prev_frame=True)
+    ctx, cu, _ = _inputs(2, 3, 1)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    run = m._run
+
+    def spy(x, t, u, past, mask, time_pos, prev=None):  # type: ignore[no-untyped-def]
+        seen.append((prev[0].clone(), prev[1].clone()))
+        return run(x, t, u, past, mask, time_pos, prev)
+    m._run = spy  # type: ignore[method-assign]
+    cfg = RolloutConfig(window=2, sink_frames=1, cache_frames=2, fold_rerun=False)
+    start_history(m, ctx, cu, cfg, torch.Generator().manual_seed(0), sink_gap=torch.tensor([0, 5]))
+    (p0, t0), (p1, t1) = seen[0], seen[1]                  # commits of frame 0 (sink) and frame 1
+    assert torch.all(p0 == 0) and torch.all(t0 == 1)       # the stream's first frame: none
+    torch.testing.assert_close(p1[0, 0], ctx[0, 0])        # contiguous: the sink
+    assert torch.all(p1[1] == 0) and t1.tolist() == [[0.0], [1.0]]   # gapped: none
+    torch.testing.assert_close(seen[2][0][:, 0], ctx[:, 1])  # frame 2: frame 1, in both streams

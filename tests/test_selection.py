@@ -47,6 +47,9 @@ def test_score_sums_three_unit_terms_and_skips_empty_bins() -> None:
     assert s["theme"] == pytest.approx(0.75) and s["quality"] == pytest.approx(0.6)
     assert s["score"] == pytest.approx(0.75 + 0.6 + 0.25)
     assert score(_drift([None], [None], None))["score"] == 0.0   # type: ignore[arg-type]
+    # undefined numbers (no readable action pairs, an empty bin) count 0, never NaN: NaN would win
+    nan = float("nan")
+    assert score(_drift([0.5, nan], [50.0, nan], nan))["score"] == pytest.approx(1.0)
 
 
 def test_sweep_overrides_are_a_valid_evaluate_config(tmp_path: Path, two_ckpts: list[Path]) -> None:

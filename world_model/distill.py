@@ -244,7 +244,8 @@ class DistillTask(TeacherTask):
         N, F0 = self.dcfg.rollout_frames, self.F0
         ctx, ctx_u, fut_u = batch.latents[:, :F0], batch.controls[:, :F0], batch.controls[:, F0:]
         run = causal_rollout if causal else rolling_rollout
-        ro = run(student, ctx, ctx_u, fut_u, N, self.rollout_cfg, gen, choice, grad)
+        ro = run(student, ctx, ctx_u, fut_u, N, self.rollout_cfg, gen, choice, grad,
+                 torch.from_numpy(batch.sink_gap))
         # the clean stream the frames were generated after (real context, then own emitted frames)
         stream = torch.cat([ctx, ro.emitted], 1)                                  # (B, F0+N, C, h, w)
         stream_u = torch.cat([ctx_u, fut_u[:, :N]], 1)                           # (B, F0+N, 4)
@@ -349,7 +350,7 @@ class DistillTask(TeacherTask):
         m = {"sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
         if c.ode_labels == "causal":
             z, x0 = teacher_ode_stream(self.teacher, ctx, ctx_u, fut_u, N, self.rollout_cfg,
-                                       self.W * c.ode_substeps, gen)
+                                       self.W * c.ode_substeps, gen, torch.from_numpy(batch.sink_gap))
             K = min(c.ode_windows, N - self.W + 1)
             fronts = torch.rand(ctx.shape[0], N - self.W + 1, generator=gen).argsort(1)[:, :K]   # (B, K)
             loss = coupling_loss(student, ctx, ctx_u, fut_u, z, x0, self.rollout_cfg, fronts, gen)
@@ -357,7 +358,7 @@ class DistillTask(TeacherTask):
             rng = step_rng(self.seed, self.dist.rank, pos, stream=1)
             drives = bool(rng.random() < c.ode_p_student)
             ro = ode_rollout(student, self.teacher, ctx, ctx_u, fut_u, N, self.rollout_cfg, c.ode_substeps, gen,
-                             int(rng.integers(2 ** 62)), drives)
+                             int(rng.integers(2 ** 62)), drives, sink_gap=torch.from_numpy(batch.sink_gap))
             loss = ro.loss
             m.update({f"ode_band{k}": float(v) for k, v in enumerate(ro.band_mse)}, student_drives=float(drives))
         return c.ode_weight * loss, {**m, "ode_loss": float(loss.detach())}

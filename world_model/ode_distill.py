@@ -70,7 +70,8 @@ def teacher_band_step(hist_predict: Callable[..., Tensor], x: Tensor, t: Tensor,
 
 def ode_rollout(student: WorldDiT, teacher: WorldDiT, context: Tensor, context_controls: Tensor,
                 controls: Tensor, frames: int, cfg: RolloutConfig, substeps: int, generator: torch.Generator,
-                history_seed: int, student_drives: bool, grad: bool = True) -> OdeRollout:
+                history_seed: int, student_drives: bool, grad: bool = True,
+                sink_gap: Tensor | None = None) -> OdeRollout:
     """Stream ``frames`` frames in the rolling layout after ``context`` (B, F0, C, h, w), every tick
     labelled by the teacher's ``substeps``-step ODE (see the module docstring).
 
@@ -87,8 +88,8 @@ def ode_rollout(student: WorldDiT, teacher: WorldDiT, context: Tensor, context_c
     W, B, N = cfg.window, context.shape[0], frames
     cu = context_controls.to(context.dtype)
     # one seed for both history generators: both draw the same commit noise in the same order
-    th = start_history(teacher, context, cu, cfg, torch.Generator().manual_seed(history_seed))
-    sh = start_history(student, context, cu, cfg, torch.Generator().manual_seed(history_seed))
+    th = start_history(teacher, context, cu, cfg, torch.Generator().manual_seed(history_seed), sink_gap)
+    sh = start_history(student, context, cu, cfg, torch.Generator().manual_seed(history_seed), sink_gap)
     levels, lower = (v.to(context.device, context.dtype) for v in rolling_bands(W, cfg.shift))
     shape = context.shape[2:]
     controls = controls.to(context.dtype)
@@ -131,7 +132,7 @@ def ode_rollout(student: WorldDiT, teacher: WorldDiT, context: Tensor, context_c
 @torch.no_grad()
 def teacher_ode_stream(teacher: WorldDiT, context: Tensor, context_controls: Tensor, controls: Tensor,
                        frames: int, cfg: RolloutConfig, steps: int,
-                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                       generator: torch.Generator, sink_gap: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``TeacherSampler`` batched: each frame from its own noise z through ``steps`` Euler ODE steps
     alone against the history (sink + L, written at ``context_t``) -> z, x0, both (B, N, C, h, w).
 
@@ -140,7 +141,7 @@ def teacher_ode_stream(teacher: WorldDiT, context: Tensor, context_controls: Ten
     if controls.ndim != 3 or controls.shape[1] < frames:
         raise ValueError(f"teacher_ode_stream: controls (B, >= {frames}, 4) expected, got {tuple(controls.shape)}")
     B = context.shape[0]
-    hist = start_history(teacher, context, context_controls.to(context.dtype), cfg, generator)
+    hist = start_history(teacher, context, context_controls.to(context.dtype), cfg, generator, sink_gap)
     levels = euler_levels(steps, cfg.shift).to(context.device, context.dtype)     # (steps+1,) 1 -> 0
     controls = controls.to(context.dtype)
     zs, xs = [], []

@@ -158,6 +158,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             continue
         if cfg.only is not None and name not in cfg.only:
             continue
+        # this stage runs (again): whatever later stages made from its old output is stale
+        for later in ORDER[ORDER.index(name) + 1:]:
+            (marks / f"{later}.json").unlink(missing_ok=True)
+            done.pop(later, None)
         t0 = time.monotonic()
         if name == "export":
             dst = out / "export"

@@ -125,7 +125,7 @@ class BatchHistory:
         # frame stacking (ModelConfig.prev_frame): the newest committed frame (B, C, h, w) and its
         # level are the predecessor of the next commit and of the first window frame
         self.stack = bool(model.cfg.prev_frame)
-        self._last: tuple[Tensor, float] | None = None
+        self._last: tuple[Tensor, Tensor] | None = None      # (B, C, h, w), levels (B,)
 
     def _kept(self) -> bool:
         return self.cache.sink_frames < self.S or self.L > 0
@@ -147,9 +147,9 @@ class BatchHistory:
         item = (x[:, None], x.new_full((x.shape[0], 1), lv), control[:, None].to(x.dtype))
         prev = None
         if self.stack:
-            px, pt = self._last if self._last is not None else (torch.zeros_like(x), 1.0)
-            prev = (px[:, None], x.new_full((x.shape[0], 1), pt))
-        self._last = (x, lv)
+            px, pt = self._last if self._last is not None else (torch.zeros_like(x), x.new_ones(x.shape[0]))
+            prev = (px[:, None], pt[:, None])
+        self._last = (x, x.new_full((x.shape[0],), lv))
         self._flush()
         if not self._kept():
             return
@@ -174,10 +174,15 @@ class BatchHistory:
         """Predecessors ((B, F, C, h, w), (B, F)) of window frames x (B, F, C, h, w) at t (B, F)."""
         if not self.stack:
             return None
-        if self._last is None:
-            return prev_inputs(x, t)
-        lx, lt = self._last
-        return prev_inputs(x, t, (lx, t.new_full((x.shape[0],), lt)))
+        return prev_inputs(x, t, self._last)
+
+    def forget_last(self, rows: Tensor) -> None:
+        """Frame stacking: the next frame of streams ``rows`` (B,) bool gets no predecessor (zeros
+        at level 1), as the teacher's gapped-sink clips give the frame after their sink none."""
+        if self._last is not None and bool(rows.any()):
+            x, t = self._last
+            keep = (~rows).to(x.dtype)
+            self._last = (x * keep[:, None, None, None], t * keep + (1 - keep))
 
     def predict(self, x: Tensor, t: Tensor, controls: Tensor, grad: bool) -> Tensor:
         """Velocity (B, F, C, h, w) of window frames x (B, F, C, h, w) at t (B, F), controls (B, F, 4).
@@ -219,8 +224,12 @@ def _noise(generator: torch.Generator, like: Tensor, *shape: int) -> Tensor:
 
 
 def start_history(model: WorldDiT, context: Tensor, context_controls: Tensor, cfg: RolloutConfig,
-                  generator: torch.Generator) -> BatchHistory:
-    """A batched history with the clean context (B, F0, C, h, w) committed (the first S: the sink)."""
+                  generator: torch.Generator, sink_gap: Tensor | None = None) -> BatchHistory:
+    """A batched history with the clean context (B, F0, C, h, w) committed (the first S: the sink).
+
+    sink_gap (B,): clips whose sink was taken from earlier frames (ClipSampler); with frame
+    stacking the frame after such a sink gets no predecessor (``BatchHistory.forget_last``).
+    """
     if context.ndim != 5 or context_controls.shape != (*context.shape[:2], model.cfg.control_dim):
         raise ValueError(f"rollout: context (B, F0, C, h, w) and controls (B, F0, {model.cfg.control_dim}) "
                          f"expected, got {tuple(context.shape)} and {tuple(context_controls.shape)}")
@@ -228,6 +237,8 @@ def start_history(model: WorldDiT, context: Tensor, context_controls: Tensor, cf
     hist = BatchHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun, cfg.context_t, generator)
     for i in range(context.shape[1]):
         hist.commit(context[:, i], context_controls[:, i])
+        if i == cfg.sink_frames - 1 and sink_gap is not None:
+            hist.forget_last(sink_gap.to(context.device) > 0)
     return hist
 
 
@@ -239,7 +250,7 @@ def _check_controls(controls: Tensor, context: Tensor, frames: int) -> None:
 
 def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, controls: Tensor,
                     frames: int, cfg: RolloutConfig, generator: torch.Generator, phase: int,
-                    grad: bool) -> Rollout:
+                    grad: bool, sink_gap: Tensor | None = None) -> Rollout:
     """Stream ``frames`` frames with the rolling window after clean ``context`` (B, F0, C, h, w).
 
     controls: (B, M, 4) recorded controls of the generated frames, M >= frames; with
@@ -249,7 +260,7 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
     _check_controls(controls, context, frames)
     W, B, N = cfg.window, context.shape[0], frames
     ticks = chosen_ticks(N, W, phase)
-    hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator)
+    hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator, sink_gap)
     levels, lower = (v.to(context.device, context.dtype) for v in rolling_bands(W, cfg.shift))  # (W,) each
     shape = context.shape[2:]                                                        # (C, h, w)
     controls = controls.to(context.dtype)
@@ -297,7 +308,7 @@ def rolling_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, 
 
 def causal_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, controls: Tensor,
                    frames: int, cfg: RolloutConfig, generator: torch.Generator, exit_step: int,
-                   grad: bool) -> Rollout:
+                   grad: bool, sink_gap: Tensor | None = None) -> Rollout:
     """Self-Forcing rollout: each frame denoised alone in ``exit_step + 1`` of the W Euler levels.
 
     Step ``exit_step`` runs with grad if ``grad``; its x0 is the frame (sample and history).
@@ -306,7 +317,7 @@ def causal_rollout(model: WorldDiT, context: Tensor, context_controls: Tensor, c
     W, B, N = cfg.window, context.shape[0], frames
     if not 0 <= exit_step < W:
         raise ValueError(f"causal rollout: exit_step must be in [0, {W}), got {exit_step}")
-    hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator)
+    hist = start_history(model, context, context_controls.to(context.dtype), cfg, generator, sink_gap)
     levels = euler_levels(W, cfg.shift).to(context.device, context.dtype)          # (W+1,) 1 -> 0
     shape = context.shape[2:]
     controls = controls.to(context.dtype)
@@ -363,7 +374,7 @@ def sequence_velocity(net: WorldDiT, hist: Tensor, hist_t: Tensor, hist_u: Tenso
     prev = None
     if net.cfg.prev_frame:
         px, pt = prev_inputs(seq, ts)
-        if 0 < sink < H:
+        if 0 < sink <= H:
             px, pt = px.clone(), pt.clone()
             px[:, sink], pt[:, sink] = 0.0, 1.0
         prev = (px, pt)

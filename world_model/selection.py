@@ -21,6 +21,7 @@ one first).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -76,12 +77,16 @@ def eval_overrides(cfg: SelectConfig, candidate: str, out: Path) -> list[str]:
 
 def score(drift: dict[str, Any]) -> dict[str, float]:
     """One drift config of an eval.json -> its three terms and their sum (higher is better)."""
+    def finite(x: Optional[float]) -> bool:
+        return x is not None and math.isfinite(x)
+
     def mean(xs: list[Optional[float]]) -> float:
-        vals = [x for x in xs if x is not None]
+        vals = [x for x in xs if finite(x)]
         return sum(vals) / len(vals) if vals else 0.0
     theme = mean(drift["theme_retention"])
     quality = mean(drift["quality"]) / 100.0
-    action = float(drift["action"].get("balanced_ratio") or 0.0)
+    ratio = drift["action"].get("balanced_ratio")
+    action = float(ratio) if finite(ratio) else 0.0      # undefined (no readable pairs): counts 0
     return {"theme": theme, "quality": quality, "action": action, "score": theme + quality + action}
 
 
