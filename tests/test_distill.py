@@ -247,6 +247,8 @@ def test_distill_refuses_bad_set_ups(data: Path, teacher: Path, tmp_path: Path) 
         STAGES["distill"](cfg, DistInfo())
     with pytest.raises(ConfigError, match="p_causal"):
         DistillTask(DistillStageConfig(p_causal=1.5), teacher, data, tmp_path, DEFAULT_SCHEMA)
+    with pytest.raises(ConfigError, match="gen_warmup"):
+        DistillTask(DistillStageConfig(gen_warmup=-1), teacher, data, tmp_path, DEFAULT_SCHEMA)
     with pytest.raises(ConfigError, match="not all 0"):
         DistillTask(DistillStageConfig(dmd_weight=0.0), teacher, data, tmp_path, DEFAULT_SCHEMA)
     with pytest.raises(ConfigError, match="truth_frames"):
@@ -308,3 +310,11 @@ def test_distill_trains_a_stacked_student(data: Path, tmp_path: Path) -> None:
     assert d.model.dit.cfg.prev_frame
     assert not torch.equal(d.model.dit.prev_embed.weight, before)
     assert float(_rows(tmp_path / "d")[1]["grad_norm_generator"]) > 0
+
+
+def test_generator_waits_for_the_critic_warm_up(data: Path, teacher: Path, tmp_path: Path) -> None:
+    """gen_warmup: no generator step before it (the critic trains alone), then every gen_every-th."""
+    cfg = dataclasses.replace(STAGE, gen_warmup=3)                      # gen_every 2: steps 3, 5
+    task = DistillTask(cfg, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
+    Trainer(task, dataclasses.replace(_loop(6), log_every=1), tmp_path).run()
+    assert [r["gen_step"] for r in _rows(tmp_path)] == ["0", "0", "0", "1", "0", "1"]

@@ -22,7 +22,9 @@ would see its frame: the sink and the L newest clean frames before it (real cont
 then the student's own detached emitted frames), block-causal, the frame itself noised to
 a DMD level, with the control the student used for it. The critic is updated
 every step, the student every ``gen_every``-th (steps gen_every-1, 2*gen_every-1, ...:
-at step 0 the critic still equals the teacher and the DMD gradient is exactly 0).
+at step 0 the critic still equals the teacher and the DMD gradient is exactly 0), and not
+before step ``gen_warmup``: the critic first learns the student's own distribution (a
+short DMD run here moved colours before the critic had caught up).
 Both losses are summed into one backward: the generator loss reaches only the
 student (scores are no-grad), the critic loss only the critic (samples are
 detached). The Trainer gives each its own AdamW group, learning rate and grad clip
@@ -78,6 +80,7 @@ class DistillStageConfig:
     rollout_frames: int = 12             # N frames the student streams per rollout (3 windows of 4)
     p_causal: float = 0.5                # share of Self-Forcing causal rollouts (else rolling)
     gen_every: int = 5                   # generator update every k steps; critic every step
+    gen_warmup: int = 0                  # critic-only steps before the first generator update
     critic_lr: float = 4e-5              # the generator's lr is loop.lr
     dmd_t_min: float = 0.02              # DMD / critic noise levels: U[t_min, t_max], shifted
     dmd_t_max: float = 0.98
@@ -109,8 +112,8 @@ class DistillStageConfig:
 
     def validate(self) -> None:
         bad = []
-        if self.batch < 1 or self.rollout_frames < 1 or self.gen_every < 1:
-            bad.append("batch, rollout_frames and gen_every must be >= 1")
+        if self.batch < 1 or self.rollout_frames < 1 or self.gen_every < 1 or self.gen_warmup < 0:
+            bad.append("batch, rollout_frames and gen_every must be >= 1 and gen_warmup >= 0")
         if not 0.0 <= self.p_causal <= 1.0:
             bad.append(f"p_causal must be in [0, 1], got {self.p_causal}")
         if not 0.0 <= self.dmd_t_min < self.dmd_t_max <= 1.0:
@@ -260,7 +263,7 @@ class DistillTask(TeacherTask):
         if c.ode_weight > 0:
             return self.ode_loss(model.dit, batch, pos)
         dmd = c.dmd_weight > 0
-        gen_step = dmd and (step + 1) % c.gen_every == 0
+        gen_step = dmd and step >= c.gen_warmup and (step + 1) % c.gen_every == 0
         ro, hist, hist_u, m = self.rollout(model.dit, batch, pos, grad=gen_step)
         total = ro.samples.new_zeros(())
         critic_loss = gen_loss = gap = truth = math.nan
@@ -395,7 +398,7 @@ class DistillTask(TeacherTask):
         info = {**training, "teacher_id": self.teacher_id,
                 "codec_id": self.teacher_training.get("codec_id", self.codec_id), "classic": self.classic,
                 "window": self.W, "rollout_frames": c.rollout_frames, "p_causal": c.p_causal,
-                "gen_every": c.gen_every, "late_binding": c.late_binding, "context_t": self.rollout_cfg.context_t,
+                "gen_every": c.gen_every, "gen_warmup": c.gen_warmup, "late_binding": c.late_binding, "context_t": self.rollout_cfg.context_t,
                 "dmd_weight": c.dmd_weight, "truth_weight": c.truth_weight}
         if c.ode_weight > 0:
             info.update(ode_weight=c.ode_weight, ode_labels=c.ode_labels, ode_substeps=c.ode_substeps,
