@@ -54,6 +54,7 @@ def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -
     assert set(summary["minutes"]) == set(ORDER)
     ckpt = load_checkpoint(summary["checkpoint"], DEFAULT_SCHEMA)
     assert ckpt.dit is not None and (Path(summary["checkpoint"]) / "MODEL_CARD.md").is_file()
+    assert ckpt.dit.cfg.prev_frame                          # as the default preset: frame stacking
     assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "select" / "select.json").is_file()
     card = (Path(summary["checkpoint"]) / "MODEL_CARD.md").read_text()
     assert "## Selection" in card and "(selected)" in card and "| select |" in card
