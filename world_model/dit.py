@@ -287,6 +287,16 @@ def prev_inputs(x: Tensor, t: Tensor, first: tuple[Tensor, Tensor] | None = None
     return torch.cat([fx[:, None], x[:, :-1]], 1), torch.cat([ft[:, None], t[:, :-1]], 1)
 
 
+def drop_prev(prev: tuple[Tensor, Tensor], index: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``prev`` ((B, F, C, h, w), (B, F)) with frame ``index``'s predecessor replaced by nothing
+    (zeros at level 1), in the sequences ``rows`` ((B,) bool) or in all of them."""
+    px, pt = prev[0].clone(), prev[1].clone()
+    sel = slice(None) if rows is None else rows
+    px[sel, index] = 0.0
+    pt[sel, index] = 1.0
+    return px, pt
+
+
 class WorldDiT(nn.Module):
     """Velocity prediction for latent frames (B, F, C, h, w) at per-frame noise levels, given controls."""
 

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from . import masks
-from .dit import PastKV, WorldDiT, prev_inputs
+from .dit import PastKV, WorldDiT, drop_prev, prev_inputs
 from .kv_cache import KVCache
 from .schedule import eps_from_v, euler_levels, renoise, rolling_bands, x0_from_v
 
@@ -373,10 +373,8 @@ def sequence_velocity(net: WorldDiT, hist: Tensor, hist_t: Tensor, hist_u: Tenso
     us = torch.cat([hist_u, u], 2).flatten(0, 1)                                  # (B*N, H+K, 4)
     prev = None
     if net.cfg.prev_frame:
-        px, pt = prev_inputs(seq, ts)
+        prev = prev_inputs(seq, ts)
         if 0 < sink <= H:
-            px, pt = px.clone(), pt.clone()
-            px[:, sink], pt[:, sink] = 0.0, 1.0
-        prev = (px, pt)
+            prev = drop_prev(prev, sink)
     v = net(seq, ts, us, mask=mask, prev=prev)[:, H:]                             # (B*N, K, C, h, w)
     return v.reshape(B, N, K, *v.shape[2:])

@@ -39,7 +39,7 @@ from world_model.codec import FrameCodec, tensor_to_frames
 from world_model.data import (ClipSampler, encode_sessions, session_meta, split_sessions, step_rng,
                               step_torch_generator)
 from world_model.ddp import DistInfo
-from world_model.dit import ModelConfig, WorldDiT, prev_inputs
+from world_model.dit import ModelConfig, WorldDiT, drop_prev, prev_inputs
 from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_band_levels, shift_t,
                                   velocity_target, x0_from_v)
 from engine.session import encode_mp4
@@ -155,13 +155,9 @@ class TeacherObjective(nn.Module):
         xt = add_noise(x0, t[:, :, None, None, None], eps)                # (B, F, C, h, w)
         prev = None
         if self.dit.cfg.prev_frame:
-            px, pt = prev_inputs(xt, t)                                    # (B, F, C, h, w), (B, F)
+            prev = prev_inputs(xt, t)                                      # (B, F, C, h, w), (B, F)
             if sink_gap is not None and bool((sink_gap > 0).any()) and self.S < xt.shape[1]:
-                cut = (sink_gap > 0).to(xt.dtype)                          # (B,)
-                px, pt = px.clone(), pt.clone()
-                px[:, self.S] = px[:, self.S] * (1 - cut)[:, None, None, None]
-                pt[:, self.S] = pt[:, self.S] * (1 - cut) + cut
-            prev = (px, pt)
+                prev = drop_prev(prev, self.S, sink_gap.to(xt.device) > 0)
         v = self.dit(xt, t, controls, mask=mask, prev=prev)               # (B, F, C, h, w)
         err = (v - velocity_target(x0, eps)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
         return (err * weight).sum(1) / weight.sum(1).clamp_min(1e-8)
