@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import masks
 from ..attention import prepare_mask
-from ..dit import WorldDiT
+from ..dit import WorldDiT, prev_inputs
 from ..kv_cache import KVCache
 from ..schedule import renoise
 
@@ -120,8 +120,8 @@ class History(ABC):
         if not self.stack:
             return None
         px, pt = self._prev_of_commit(x[0])
-        return (torch.cat([px[None].to(x.dtype), x[:-1]]),
-                torch.cat([torch.full((1,), pt, dtype=t.dtype, device=t.device), t[:-1]]))
+        qx, qt = prev_inputs(x[None], t[None], (px[None], t.new_full((1,), pt)))   # (1, F, ...) each
+        return qx[0], qt[0]
 
     @abstractmethod
     def commit(self, x: Tensor, level: float, control: Tensor) -> None:
