@@ -42,20 +42,23 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def teacher(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny teacher (S = 1, L = 1, W = 2) trained 3 steps on a random codec."""
-    root = tmp_path_factory.mktemp("teacher")
+def tiny_teacher(root: Path, data: Path, prev_frame: bool = False) -> Path:
+    """A tiny teacher (S = 1, L = 1, W = 2) trained 3 steps on a random codec, under ``root``."""
     torch.manual_seed(0)
     codec = FrameCodec(TINY_CODEC)
     codec.set_latent_stats(torch.zeros(4), torch.full((4,), 0.5))
     save_checkpoint(root / "codec", codec, None, DEFAULT_SCHEMA, (64, 64))
     cfg = TeacherStageConfig(batch=2, sink_frames=1, cache_frames=1, window=2, val_clips=4, val_steps=2,
                              rollout_frames=4, max_sink_gap=4, holdout_fraction=0.3)
-    task = TeacherTask(cfg, ModelConfig(d_model=32, depth=2, heads=2, mlp_ratio=2.0), root / "codec", data,
-                       root / "run", DEFAULT_SCHEMA, seed=1)
+    task = TeacherTask(cfg, ModelConfig(d_model=32, depth=2, heads=2, mlp_ratio=2.0, prev_frame=prev_frame),
+                       root / "codec", data, root / "run", DEFAULT_SCHEMA, seed=1)
     loop = LoopConfig(max_steps=3, lr=3e-3, warmup_steps=0, val_every=-1, sample_every=-1, progress=False)
     return Path(Trainer(task, loop, root / "run").run()["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def teacher(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_teacher(tmp_path_factory.mktemp("teacher"), data)
 
 
 STAGE = DistillStageConfig(batch=2, rollout_frames=3, gen_every=2, critic_lr=1e-3, val_clips=4,
@@ -294,16 +297,7 @@ def test_stacked_scoring_gives_the_frame_after_the_sink_no_predecessor() -> None
 def test_distill_trains_a_stacked_student(data: Path, tmp_path: Path) -> None:
     """A frame-stacking teacher distils: rollouts and scores feed predecessors, and the student's
     predecessor layers get gradients."""
-    torch.manual_seed(0)
-    codec = FrameCodec(TINY_CODEC)
-    codec.set_latent_stats(torch.zeros(4), torch.full((4,), 0.5))
-    save_checkpoint(tmp_path / "codec", codec, None, DEFAULT_SCHEMA, (64, 64))
-    cfg = TeacherStageConfig(batch=2, sink_frames=1, cache_frames=1, window=2, val_clips=4, val_steps=2,
-                             rollout_frames=4, max_sink_gap=4, holdout_fraction=0.3)
-    task = TeacherTask(cfg, ModelConfig(d_model=32, depth=2, heads=2, mlp_ratio=2.0, prev_frame=True),
-                       tmp_path / "codec", data, tmp_path / "t", DEFAULT_SCHEMA, seed=1)
-    loop = LoopConfig(max_steps=3, lr=3e-3, warmup_steps=0, val_every=-1, sample_every=-1, progress=False)
-    teacher = Path(Trainer(task, loop, tmp_path / "t").run()["checkpoint"])
+    teacher = tiny_teacher(tmp_path, data, prev_frame=True)
     d = DistillTask(STAGE, teacher, data, tmp_path / "d", DEFAULT_SCHEMA, seed=2)
     before = d.model.dit.prev_embed.weight.detach().clone()
     Trainer(d, dataclasses.replace(_loop(2), log_every=1), tmp_path / "d").run()  # step 1: the generator
