@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from engine.cli import json_main, parse_kv_args
 from engine.config import ConfigError, to_dataclass
 from engine.recorder import atomic_write_bytes
+from world_model.selection import override_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "conf" / "pipeline"
@@ -75,10 +76,8 @@ def _args(extra: dict[str, Any]) -> list[str]:
     for k, v in extra.items():
         if isinstance(v, dict):
             flat += [f"{k}.{a}" for a in _args(v)]
-        elif isinstance(v, list):
-            flat.append(f"{k}=[{','.join(str(x) for x in v)}]")
         else:
-            flat.append(f"{k}={'null' if v is None else v}")
+            flat.append(f"{k}={override_value(v)}")
     return flat
 
 

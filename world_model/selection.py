@@ -51,13 +51,14 @@ class SelectConfig:
     eval: dict[str, Any] = field(default_factory=dict)     # evaluate overrides on top of SWEEP
 
 
-def _value(v: Any) -> str:
+def override_value(v: Any) -> str:
+    """A value as a command-line override writes it: true/false, null, [a,b], else str."""
     if isinstance(v, bool):
         return str(v).lower()
     if v is None:
         return "null"
     if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
+        return "[" + ",".join(override_value(x) for x in v) + "]"
     return str(v)
 
 
@@ -65,10 +66,10 @@ def eval_overrides(cfg: SelectConfig, candidate: str, out: Path) -> list[str]:
     """The ``world_model.evaluate`` overrides that stream one candidate with every context_t."""
     sweep = {**SWEEP, **cfg.eval}
     names = [f"ctx{i}" for i in range(len(cfg.context_t))]
-    args = [f"checkpoint={candidate}", f"out={out}", f"seeds={_value(cfg.seeds)}",
-            f"heldout={_value(cfg.heldout)}", f"heldout_seed0={cfg.heldout_seed0}", f"threads={cfg.threads}",
-            f"probe_dir={Path(cfg.out) / 'probes'}", f"configs={_value(names)}"]
-    args += [f"{k}={_value(v)}" for k, v in sweep.items()]
+    args = [f"checkpoint={candidate}", f"out={out}", f"seeds={override_value(cfg.seeds)}",
+            f"heldout={override_value(cfg.heldout)}", f"heldout_seed0={cfg.heldout_seed0}", f"threads={cfg.threads}",
+            f"probe_dir={Path(cfg.out) / 'probes'}", f"configs={override_value(names)}"]
+    args += [f"{k}={override_value(v)}" for k, v in sweep.items()]
     for name, t in zip(names, cfg.context_t):
         variant = "{name:rolling}" if t is None else f"{{name:rolling,context_t:{t}}}"
         args.append(f"+variants.{name}={variant}")
