@@ -13,7 +13,7 @@ from engine.recorder import RecorderConfig, SessionWriter
 from engine.session import list_sessions
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.data import (ClipSampler, FrameDataset, FrameSampler, LatentSet, encode_sessions,
-                              split_sessions)
+                              split_sessions, weights_key)
 
 
 TINY_CODEC = CodecConfig(resolution=64, latent_channels=4, downsample=8, base_channels=8)
@@ -130,3 +130,14 @@ def test_clip_sampler_resume_and_subsets() -> None:
     assert np.array_equal(a.next().index, b.next().index)
     with pytest.raises(ValueError, match="no session has the 30 frames"):
         ClipSampler(ls, 30, batch=1)
+
+
+def test_weights_key_follows_the_weights_not_the_object() -> None:
+    torch.manual_seed(0)
+    a, b = FrameCodec(TINY_CODEC), FrameCodec(TINY_CODEC)
+    assert weights_key(a) != weights_key(b)                       # different random weights
+    b.load_state_dict(a.state_dict())
+    assert weights_key(a) == weights_key(b)
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-3
+    assert weights_key(a) != weights_key(b)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -312,3 +313,19 @@ def test_generator_waits_for_the_critic_warm_up(data: Path, teacher: Path, tmp_p
     task = DistillTask(cfg, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
     Trainer(task, dataclasses.replace(_loop(6), log_every=1), tmp_path).run()
     assert [r["gen_step"] for r in _rows(tmp_path)] == ["0", "0", "0", "1", "0", "1"]
+
+
+def test_distill_reads_the_teachers_latent_cache(data: Path, teacher: Path, tmp_path: Path) -> None:
+    """stage.latent_cache: the teacher run's encoded latents are reused, not encoded again into out/cache."""
+    shared = teacher.parent / "cache"                                   # the teacher run's out/cache
+    before = {p.name: p.stat().st_mtime_ns for p in shared.iterdir()}
+    assert before, "the teacher run should have cached its latents"
+    task = DistillTask(dataclasses.replace(STAGE, latent_cache=str(shared)), teacher, data, tmp_path / "d",
+                       DEFAULT_SCHEMA, seed=2)
+    assert {p.name: p.stat().st_mtime_ns for p in shared.iterdir()} == before
+    assert not (tmp_path / "d" / "cache").exists()
+    fresh = tmp_path / "fresh"                                          # an empty shared folder is filled
+    other = DistillTask(dataclasses.replace(STAGE, latent_cache=str(fresh)), teacher, data, tmp_path / "e",
+                        DEFAULT_SCHEMA, seed=2)
+    assert [p.name for p in fresh.iterdir()] == list(before)
+    assert np.array_equal(task.latents.latents, other.latents.latents)

@@ -25,6 +25,7 @@ def test_plan_chains_each_stage_into_the_next(tmp_path: Path) -> None:
     assert f"out={tmp_path / 'codec'}" in cmds["codec"] and "max_steps=7" in cmds["codec"]
     assert f"codec={tmp_path / 'codec' / 'checkpoint'}" in cmds["teacher"]
     assert f"teacher={tmp_path / 'teacher' / 'checkpoint'}" in cmds["distill"]
+    assert f"stage.latent_cache={tmp_path / 'teacher' / 'cache'}" in cmds["distill"]  # not encoded twice
     # the selection weighs teacher against student on validation worlds; evaluation and export take its pick
     assert (f"candidates=[{tmp_path / 'teacher' / 'checkpoint'},{tmp_path / 'distill' / 'checkpoint'}]"
             in cmds["select"]) and f"dst={tmp_path / 'selected'}" in cmds["select"]

@@ -216,6 +216,17 @@ def _int_or(v: Any, default: int = -1) -> int:
     return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else default
 
 
+def weights_key(module: torch.nn.Module) -> str:
+    """Hash of a module's tensors (names, dtypes, shapes, bytes): the same codec gives the same key
+    whether it was loaded from its own checkpoint or from a world-model checkpoint that embeds it."""
+    h = hashlib.sha256()
+    for name, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def encode_sessions(codec: torch.nn.Module, session_dirs: Sequence[Path | str], batch: int = 64, *,
                     schema: ActionSchema = DEFAULT_SCHEMA, codec_id: Optional[str] = None,

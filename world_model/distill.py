@@ -105,6 +105,7 @@ class DistillStageConfig:
     holdout_fraction: float = 0.1
     holdout_seeds: Optional[list[int]] = None
     encode_batch: int = 64
+    latent_cache: Optional[str] = None   # None: out/cache (TeacherStageConfig.latent_cache)
     val_clips: int = 64
     teacher_val_steps: int = 16          # Euler steps of the teacher's reference next-frame PSNR
     sample_frames: int = 48              # mp4 rollout length
@@ -199,7 +200,8 @@ class DistillTask(TeacherTask):
         tcfg = TeacherStageConfig(batch=cfg.batch, sink_frames=S, cache_frames=L, window=W, shift=shift,
                                   p_sink=cfg.p_sink, max_sink_gap=cfg.max_sink_gap,
                                   holdout_fraction=cfg.holdout_fraction, holdout_seeds=cfg.holdout_seeds,
-                                  encode_batch=cfg.encode_batch, val_clips=cfg.val_clips,
+                                  encode_batch=cfg.encode_batch, latent_cache=cfg.latent_cache,
+                                  val_clips=cfg.val_clips,
                                   val_steps=cfg.teacher_val_steps, rollout_frames=cfg.sample_frames,
                                   rollout_sampler=cfg.sample_sampler)
         # Data, held-out split, codec, val set and mp4 writer come from TeacherTask (its own

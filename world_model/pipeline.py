@@ -99,7 +99,8 @@ def stage_commands(cfg: PipelineConfig) -> dict[str, list[str]]:
                          f"out={out / 'teacher'}", f"codec={out / 'codec' / 'checkpoint'}"]
                    + train_preset + extra.get("teacher", []),
         "distill": py + ["world_model.train", "stage=distill", f"data={out / 'data' / 'train'}",
-                         f"out={out / 'distill'}", f"teacher={out / 'teacher' / 'checkpoint'}"]
+                         f"out={out / 'distill'}", f"teacher={out / 'teacher' / 'checkpoint'}",
+                         f"stage.latent_cache={out / 'teacher' / 'cache'}"]  # same data and codec
                    + train_preset + extra.get("distill", []),
         "select": py + ["world_model.selection",
                         f"candidates=[{out / 'teacher' / 'checkpoint'},{out / 'distill' / 'checkpoint'}]",

@@ -37,7 +37,7 @@ from world_model import masks
 from world_model.checkpoint import load_codec, save_checkpoint
 from world_model.codec import FrameCodec, tensor_to_frames
 from world_model.data import (ClipSampler, encode_sessions, session_meta, split_sessions, step_rng,
-                              step_torch_generator)
+                              step_torch_generator, weights_key)
 from world_model.ddp import DistInfo
 from world_model.dit import ModelConfig, WorldDiT, drop_prev, prev_inputs
 from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_band_levels, shift_t,
@@ -68,6 +68,10 @@ class TeacherStageConfig:
     rollout_frames: int = 48
     rollout_sampler: str = "rolling"
     init: Optional[str] = None           # a teacher checkpoint whose weights start a fresh run (warm start)
+    # Where encoded latents are cached; None: out/cache. Files are keyed by codec id and session
+    # list and written atomically, so runs on the same data may share one (the pipeline's distill
+    # stage reads the teacher's instead of encoding the 120k frames again, ~8 min here).
+    latent_cache: Optional[str] = None
 
 
 @dataclass
@@ -221,8 +225,11 @@ class TeacherTask(Task):
         # One LatentSet (train then held-out), cached by codec id + session list. Without a
         # held-out seed, validation falls back to training sessions (metrics named train_*).
         self.val_name = "val" if val else "train"
+        # cache key: the codec's weights, not the checkpoint's id (a distill run loads the same
+        # codec from the teacher's checkpoint, whose id differs)
         self.latents = encode_sessions(self.codec, train + val, cfg.encode_batch, schema=schema,
-                                       codec_id=ck.id, cache_dir=Path(out) / "cache", progress=progress)
+                                       codec_id=weights_key(self.codec), cache_dir=cfg.latent_cache or Path(out) / "cache",
+                                       progress=progress)
         n_train = len(train)
         self.val_sessions = list(range(n_train, n_train + len(val))) if val else list(range(n_train))
         self.val_dirs = val or train
