@@ -91,3 +91,31 @@ def test_a_stage_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypa
     assert pl.run(cfg)["minutes"].keys() == {"codec"}
     assert json.loads((tmp_path / "stages" / "codec.json").read_text())["summary"]["stop_reason"] == "max_steps"
     assert not (tmp_path / "stages" / "teacher.json").exists()             # a rerun stage voids later marks
+
+
+def test_a_stage_wall_time_sums_over_interrupted_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted stage leaves its minutes in stages/<name>.partial.json (rewritten while it
+    runs); the run that finishes it records the sum over every run, then drops the partial file."""
+    import world_model.pipeline as pl
+
+    def fake_commands(reason: str) -> Any:
+        def commands(cfg: Any) -> dict[str, list[str]]:
+            line = json.dumps({"stage": "codec", "stop_reason": reason})
+            return {name: [sys.executable, "-c", f"import time; time.sleep(0.3); print({line!r})"]
+                    for name in ORDER if name != "export"}
+        return commands
+    monkeypatch.setattr(pl, "HEARTBEAT_S", 0.05)
+    cfg = load_config([f"out={tmp_path}", "preset=tiny", "only=[codec]"])
+    partial = tmp_path / "stages" / "codec.partial.json"
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("signal"))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="interrupted"):
+            pl.run(cfg)
+    first = json.loads(partial.read_text())
+    assert first["runs"] == 2 and first["minutes"] >= 2 * 0.3 / 60
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps"))
+    pl.run(cfg)
+    mark = json.loads((tmp_path / "stages" / "codec.json").read_text())
+    assert mark["runs"] == 3 and not partial.exists()
+    assert mark["minutes"] == pytest.approx(first["minutes"] + mark["minutes_this_run"])
+    assert mark["minutes_this_run"] >= 0.3 / 60

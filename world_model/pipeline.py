@@ -7,7 +7,9 @@ rerun alone, and training keeps its exact resume): ``engine.datagen`` for the
 training and held-out sessions, ``world_model.train stage=codec|teacher|distill``
 ``world_model.selection`` and ``world_model.evaluate``. A finished stage leaves
 ``out/stages/<name>.json`` (its summary and wall time) and is skipped on the next
-run; an interrupted one is simply run again and resumes from its own state.
+run; an interrupted one is simply run again and resumes from its own state. A stage's
+wall time is summed over every invocation: while it runs, ``out/stages/<name>.partial.json``
+holds the minutes spent so far (rewritten every 30 s, so a kill loses at most that).
 
 The selection stage streams the teacher and the student, each with the history noise
 it was trained at and with 0.3, on validation worlds, and exports the best pair to
@@ -39,6 +41,7 @@ from world_model.selection import override_value
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "conf" / "pipeline"
 ORDER = ("data_train", "data_heldout", "codec", "teacher", "distill", "select", "evaluate", "export")
+HEARTBEAT_S = 30.0   # how often a running stage's accumulated wall time is saved
 
 
 @dataclass
@@ -127,7 +130,7 @@ def model_card(out: Path, done: dict[str, dict[str, Any]]) -> str:
     """A markdown model card from the stage summaries (data, steps, wall time, metrics)."""
     lines = ["# Model card", "", "Trained from zero by `python -m world_model.pipeline` on this project's",
              "classic maze (explorer sessions); evaluated on held-out worlds (seeds never trained on).", "",
-             "| stage | wall minutes | summary |", "|---|---|---|"]
+             "| stage | wall minutes (all runs) | summary |", "|---|---|---|"]
     for name in ORDER[:-1]:
         s = done.get(name, {})
         summ = s.get("summary", {})
@@ -143,6 +146,30 @@ def model_card(out: Path, done: dict[str, dict[str, Any]]) -> str:
     if eval_md.is_file():
         lines += ["", "## Evaluation", "", eval_md.read_text()]
     return "\n".join(lines) + "\n"
+
+
+def _run_stage(cmd: list[str], partial: Path) -> tuple[int, str, dict[str, float]]:
+    """Run one stage command; returns (exit code, stdout, wall minutes: this run and all runs).
+
+    ``partial`` carries the minutes of earlier, interrupted runs of the stage and is
+    rewritten every HEARTBEAT_S while this one runs.
+    """
+    earlier = json.loads(partial.read_text()) if partial.is_file() else {}
+    before, runs = float(earlier.get("minutes", 0.0)), int(earlier.get("runs", 0)) + 1
+    t0 = time.monotonic()
+
+    def save() -> dict[str, float]:
+        now = (time.monotonic() - t0) / 60.0
+        atomic_write_bytes(partial, json.dumps({"minutes": before + now, "runs": runs}).encode())
+        return {"minutes": before + now, "minutes_this_run": now, "runs": runs}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    while True:
+        try:
+            stdout, _ = proc.communicate(timeout=HEARTBEAT_S)   # output is kept across timeouts
+            break
+        except subprocess.TimeoutExpired:
+            save()
+    return proc.returncode, stdout, save()
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -161,8 +188,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # this stage runs (again): whatever later stages made from its old output is stale
         for later in ORDER[ORDER.index(name) + 1:]:
             (marks / f"{later}.json").unlink(missing_ok=True)
+            (marks / f"{later}.partial.json").unlink(missing_ok=True)
             done.pop(later, None)
         t0 = time.monotonic()
+        minutes: dict[str, float] = {}
         if name == "export":
             dst = out / "export"
             if dst.exists():
@@ -172,17 +201,18 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             summary: dict[str, Any] = {"checkpoint": str(dst)}
         else:
             print(f"pipeline: {name}: {' '.join(cmds[name][2:])}", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmds[name], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"pipeline stage {name} failed with exit code {proc.returncode} "
+            code, stdout, minutes = _run_stage(cmds[name], marks / f"{name}.partial.json")
+            if code != 0:
+                raise RuntimeError(f"pipeline stage {name} failed with exit code {code} "
                                    f"(rerun the same command to resume)")
-            summary = _last_json(proc.stdout)
+            summary = _last_json(stdout)
             if summary.get("stop_reason") == "signal":
                 # a training stopped by SIGTERM / Ctrl-C exits 0 after saving its state: not done
                 raise RuntimeError(f"pipeline stage {name} was interrupted (state saved; rerun the same "
                                    f"command to resume)")
-        done[name] = {"summary": summary, "minutes": (time.monotonic() - t0) / 60.0}
+        done[name] = {"summary": summary, "minutes": (time.monotonic() - t0) / 60.0, **minutes}
         atomic_write_bytes(mark, json.dumps(done[name], indent=2, default=str).encode())
+        (marks / f"{name}.partial.json").unlink(missing_ok=True)
     return {"out": str(out), "preset": cfg.preset,
             "minutes": {k: round(v["minutes"], 2) for k, v in done.items()},
             "checkpoint": done.get("export", {}).get("summary", {}).get("checkpoint")}
