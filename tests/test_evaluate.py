@@ -206,7 +206,7 @@ def test_fd_floor_reference_is_another_path_through_the_streamed_worlds() -> Non
 
 
 # ---------------------------------------------------------------------------- end to end
-def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.datagen import record_explorer_session
 
     record_explorer_session(tmp_path / "heldout", 100000, 40)   # 100001 is not recorded: regenerated
@@ -266,6 +266,20 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
         v["delta_drift"] = v["delta_drift_pct"] = v["delta_drift_real"] = None
     assert "| n/a (one bin) | n/a (one bin) | n/a (one bin) |" in markdown(saved)
     assert len(report["plots"]) == 4 and all(Path(p).stat().st_size > 1000 for p in report["plots"])
+    # every config's streams are kept in out/drift: a rerun streams only what is missing or stale
+    import world_model.evaluate as ev
+    assert sorted(p.stem for p in (out / "drift").glob("*.json")) == sorted(names)
+    stale = json.loads((out / "drift" / "causal.json").read_text())
+    stale["key"]["frames"] += 1                                          # as if minutes had changed
+    (out / "drift" / "causal.json").write_text(json.dumps(stale))
+    calls: list[int] = []
+    stream = ev.run_drift_stream
+    monkeypatch.setattr(ev, "run_drift_stream", lambda *a, **k: calls.append(a[2]) or stream(*a, **k))
+    again = evaluate(cfg)
+    assert calls == saved["drift"]["seeds"]                              # causal only, once per world
+    assert again["drift"]["configs"]["rolling"] == report["drift"]["configs"]["rolling"]
+    timeless = lambda d: {k: v for k, v in d.items() if k != "ms_per_frame"}
+    assert timeless(again["drift"]["configs"]["causal"]) == timeless(report["drift"]["configs"]["causal"])  # seeded
 
 
 def test_bad_input_is_one_line_error(tiny_ckpt: Path, tmp_path: Path) -> None:

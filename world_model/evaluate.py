@@ -25,9 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from engine.actions import DEFAULT_SCHEMA
 from engine.classic_game import ClassicConfig, ClassicGame
 from engine.cli import USER_ERRORS, fail, run_hydra_main
+from engine.recorder import atomic_write_bytes
 from engine.config import ConfigError, to_dataclass, to_plain
 from engine.session import SessionReader, list_sessions
 from world_model.checkpoint import LoadedCheckpoint, load_checkpoint
+from world_model.data import weights_key
 from world_model.eval_metrics import pooled_psnr, psnr, ssim
 from world_model.eval_probes import ACTION_CLASSES, ProbeConfig, Probes, collect_real, heldout_accuracy, train_probes
 from world_model.eval_report import markdown, write_plots
@@ -191,12 +193,26 @@ def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session],
     for k, (name, scfg) in enumerate(scfgs.items()):
         minutes = cfg.stream_minutes.get(name) or cfg.minutes
         n_frames = max(1, int(round(minutes * 60 * cfg.fps)))
+        # A config's streams take ~15 min at 10 minutes x 2 worlds: each finished config is kept in
+        # out/drift/<name>.json with everything its result depends on, and a rerun that finds the
+        # same key skips it (a run killed by the end of a session loses at most one config).
+        key = _clean({"checkpoint": ckpt.id, "sampler": to_plain(scfg), "seeds": out["seeds"], "frames": n_frames,
+                      "bin_frames": bin_frames, "codec_ceiling": k == 0,
+                      "probes": [weights_key(probes.theme), weights_key(probes.idm), probes.quality_ref.tolist()]})
+        part = Path(cfg.out) / "drift" / f"{name}.json"
+        if part.is_file():
+            saved = json.loads(part.read_text())
+            if saved.get("key") == key:
+                out["configs"][name] = saved["result"]
+                continue
         world = NeuralWorld(NeuralConfig(sampler=scfg, device="cpu"), DEFAULT_SCHEMA, checkpoint=ckpt)
         # The codec ceiling (the shadow frames through the codec) once, with the first config:
         # the shadow path follows the explorer on the shadow game, so it is the same for every config.
         rt = (lambda f: roundtrip_frames(ckpt.codec, f)) if k == 0 else None
         recs = [run_drift_stream(world, probes, s.seed, n_frames, bin_frames, s.theme, rt) for s in streams]
-        out["configs"][name] = {"minutes": minutes, **summarize_drift(recs, ref_features)}
+        out["configs"][name] = _clean({"minutes": minutes, **summarize_drift(recs, ref_features)})
+        part.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(part, json.dumps({"key": key, "result": out["configs"][name]}).encode())
     return out
 
 
