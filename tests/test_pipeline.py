@@ -119,3 +119,17 @@ def test_a_stage_wall_time_sums_over_interrupted_runs(tmp_path: Path, monkeypatc
     assert mark["runs"] == 3 and not partial.exists()
     assert mark["minutes"] == pytest.approx(first["minutes"] + mark["minutes_this_run"])
     assert mark["minutes_this_run"] >= 0.3 / 60
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_stage_yaml_declares_every_config_field(stage: str) -> None:
+    """A field missing from conf/stage/<stage>.yaml cannot be set as stage.<field>=... (hydra refuses
+    the override); the pipeline passes stage.latent_cache to distill, so every field must be there."""
+    import dataclasses
+    from omegaconf import OmegaConf
+    from world_model.distill import DistillStageConfig
+    from world_model.train_teacher import TeacherStageConfig
+
+    cls = {"teacher": TeacherStageConfig, "distill": DistillStageConfig}[stage]
+    node = OmegaConf.load(ROOT / "conf" / "stage" / f"{stage}.yaml")["stage"]
+    assert set(node.keys()) == {f.name for f in dataclasses.fields(cls)}
