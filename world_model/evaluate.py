@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from engine.actions import DEFAULT_SCHEMA
 from engine.classic_game import ClassicConfig, ClassicGame
 from engine.cli import USER_ERRORS, fail, run_hydra_main
-from engine.recorder import atomic_write_bytes
 from engine.config import ConfigError, to_dataclass, to_plain
+from engine.recorder import atomic_write_bytes
 from engine.session import SessionReader, list_sessions
 from world_model.checkpoint import LoadedCheckpoint, load_checkpoint
 from world_model.data import weights_key
@@ -190,15 +190,15 @@ def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session],
                                    frames_per_seed=bin_frames)   # (N, D)
     out: dict[str, Any] = {"bin_seconds": cfg.bin_seconds, "fps": cfg.fps, "seeds": [s.seed for s in streams],
                            "configs": {}}
+    probe_key = [weights_key(probes.theme), weights_key(probes.idm), probes.quality_ref.tolist()]
     for k, (name, scfg) in enumerate(scfgs.items()):
         minutes = cfg.stream_minutes.get(name) or cfg.minutes
         n_frames = max(1, int(round(minutes * 60 * cfg.fps)))
-        # A config's streams take ~15 min at 10 minutes x 2 worlds: each finished config is kept in
+        # A config's streams take ~17 min at 10 minutes x 2 worlds: each finished config is kept in
         # out/drift/<name>.json with everything its result depends on, and a rerun that finds the
         # same key skips it (a run killed by the end of a session loses at most one config).
         key = _clean({"checkpoint": ckpt.id, "sampler": to_plain(scfg), "seeds": out["seeds"], "frames": n_frames,
-                      "bin_frames": bin_frames, "codec_ceiling": k == 0,
-                      "probes": [weights_key(probes.theme), weights_key(probes.idm), probes.quality_ref.tolist()]})
+                      "bin_frames": bin_frames, "codec_ceiling": k == 0, "probes": probe_key})
         part = Path(cfg.out) / "drift" / f"{name}.json"
         if part.is_file():
             saved = json.loads(part.read_text())

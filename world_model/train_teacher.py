@@ -68,9 +68,9 @@ class TeacherStageConfig:
     rollout_frames: int = 48
     rollout_sampler: str = "rolling"
     init: Optional[str] = None           # a teacher checkpoint whose weights start a fresh run (warm start)
-    # Where encoded latents are cached; None: out/cache. Files are keyed by codec id and session
-    # list and written atomically, so runs on the same data may share one (the pipeline's distill
-    # stage reads the teacher's instead of encoding the 120k frames again, ~8 min here).
+    # Where encoded latents are cached; None: out/cache. Files are keyed by the codec's weights
+    # and the session list and written atomically, so runs on the same data may share one (the
+    # pipeline's distill stage reads the teacher's instead of encoding 120k frames again, 8-10 min).
     latent_cache: Optional[str] = None
 
 
@@ -222,7 +222,7 @@ class TeacherTask(Task):
         if not dirs:
             raise ConfigError(f"data={data}: no recorded sessions found")
         train, val = split_sessions(dirs, cfg.holdout_seeds, cfg.holdout_fraction)
-        # One LatentSet (train then held-out), cached by codec id + session list. Without a
+        # One LatentSet (train then held-out), cached by codec weights + session list. Without a
         # held-out seed, validation falls back to training sessions (metrics named train_*).
         self.val_name = "val" if val else "train"
         # cache key: the codec's weights, not the checkpoint's id (a distill run loads the same
