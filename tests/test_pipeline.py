@@ -70,17 +70,21 @@ def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -
     assert json.loads(play.stdout.strip().splitlines()[-1])["frames"] == 5
 
 
+def fake_commands(reason: str, sleep: float = 0.0) -> Any:
+    """stage_commands stand-in: every stage prints a summary with ``stop_reason`` after ``sleep`` s."""
+    def commands(cfg: Any) -> dict[str, list[str]]:
+        line = json.dumps({"stage": "codec", "stop_reason": reason})
+        return {name: [sys.executable, "-c", f"import time; time.sleep({sleep}); print({line!r})"]
+                for name in ORDER if name != "export"}
+    return commands
+
+
 def test_a_stage_stopped_by_a_signal_is_not_marked_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A training stopped by SIGTERM exits 0 with stop_reason "signal": the pipeline must not skip
     it next time (it resumes); a stage that finished is marked, and the marks of later stages,
     made from its previous output, are removed."""
     import world_model.pipeline as pl
 
-    def fake_commands(reason: str) -> Any:
-        def commands(cfg: Any) -> dict[str, list[str]]:
-            line = json.dumps({"stage": "codec", "stop_reason": reason})
-            return {name: [sys.executable, "-c", f"print({line!r})"] for name in ORDER if name != "export"}
-        return commands
     cfg = load_config([f"out={tmp_path}", "preset=tiny", "only=[codec]"])
     monkeypatch.setattr(pl, "stage_commands", fake_commands("signal"))
     with pytest.raises(RuntimeError, match="stage codec was interrupted"):
@@ -98,22 +102,16 @@ def test_a_stage_wall_time_sums_over_interrupted_runs(tmp_path: Path, monkeypatc
     runs); the run that finishes it records the sum over every run, then drops the partial file."""
     import world_model.pipeline as pl
 
-    def fake_commands(reason: str) -> Any:
-        def commands(cfg: Any) -> dict[str, list[str]]:
-            line = json.dumps({"stage": "codec", "stop_reason": reason})
-            return {name: [sys.executable, "-c", f"import time; time.sleep(0.3); print({line!r})"]
-                    for name in ORDER if name != "export"}
-        return commands
     monkeypatch.setattr(pl, "HEARTBEAT_S", 0.05)
     cfg = load_config([f"out={tmp_path}", "preset=tiny", "only=[codec]"])
     partial = tmp_path / "stages" / "codec.partial.json"
-    monkeypatch.setattr(pl, "stage_commands", fake_commands("signal"))
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("signal", sleep=0.3))
     for _ in range(2):
         with pytest.raises(RuntimeError, match="interrupted"):
             pl.run(cfg)
     first = json.loads(partial.read_text())
     assert first["runs"] == 2 and first["minutes"] >= 2 * 0.3 / 60
-    monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps"))
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps", sleep=0.3))
     pl.run(cfg)
     mark = json.loads((tmp_path / "stages" / "codec.json").read_text())
     assert mark["runs"] == 3 and not partial.exists()
