@@ -29,3 +29,25 @@ def test_figure_rows_are_the_classic_game_above_the_dream(tmp_path: Path,
     assert not np.array_equal(img[:64, 66:], img[64:128, 66:])
     assert not np.array_equal(img[:64, :64], img[134:198, :64])   # two different worlds
     assert main([f"checkpoint={ck}", f"out={out}", "frames=[]"]) == 2
+
+
+def test_figure_held_action_scripts_and_codec_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _save(tmp_path / "ck")
+    out = tmp_path / "fig.png"
+    args = [f"checkpoint={ck}", f"out={out}", "seeds=[100000]", "frames=[0,3]", "scale=1", "threads=1",
+            "sampler.steps=2", "actions=[noop,turn_right]", "codec_row=true"]
+    assert main(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["actions"] == ["noop", "turn_right"] and info["codec_row"] is True
+    img = np.asarray(Image.open(out)).astype(int)
+    # one world, two scripts x (real, dream, codec) rows of 64 px, 6 px between the scripts
+    assert img.shape == (6 * 64 + 6, 2 * 64 + 2, 3)
+    noop_real, turn_real, turn_codec = img[:64], img[198:262], img[326:390]
+    assert np.array_equal(noop_real[:, :64], noop_real[:, 66:])       # standing still: the view stays
+    assert not np.array_equal(turn_real[:, :64], turn_real[:, 66:])   # turning right: it moves
+    assert np.array_equal(turn_real[:, :64], img[:64, :64])           # both start from the same frame
+    # the codec row is the real row through a (lossy, here untrained) round trip: same shape, not equal
+    assert not np.array_equal(turn_codec, turn_real)
+    for bad in ("actions=[jump]", "actions=[]"):
+        assert main([f"checkpoint={ck}", f"out={out}", bad]) == 2
+        assert "error: figure:" in capsys.readouterr().err

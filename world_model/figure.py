@@ -2,10 +2,17 @@
 
     python -m world_model.figure [checkpoint=assets/default] [out=docs/img/dream_vs_real.png]
         [seeds=[100000,100001,100002]] [frames=[0,15,60,150,300,600,900]] [scale=2] [threads=2]
+        [actions=[explorer]] [codec_row=false]
 
-Each world (a held-out seed) gets two rows: the classic game's frames (top) and the
-neural world's frames (bottom) at the listed frame indices, both driven by the same
-explorer (which reads the classic game's sensors, as in the evaluation's drift streams).
+Each world (a held-out seed) gets two rows per action script: the classic game's frames
+(top) and the neural world's frames (bottom) at the listed frame indices, both driven by
+the same actions. ``explorer`` is the explorer controller reading the classic game's
+sensors (as in the evaluation's drift streams); any other script holds the same buttons
+on every step: ``noop``, ``turn_right``, ``forward+turn_left``, ... (the schema's button
+names joined by ``+``). That isolates one motion: it showed that the dream holds a
+standing view and a straight walk far longer than a turn (docs/evaluation.md).
+``codec_row=true`` adds a row under each pair: the real frames through the codec's
+round trip, the best any dream decoded by this codec can show.
 The sampler is the checkpoint's default (``sampler.*`` keys override it).
 """
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 
 from controllers.base import TickInput
 from controllers.explorer import ExplorerController
+from engine.actions import Action
 from engine.cli import json_main, parse_kv_args
 from engine.config import ConfigError
 from world_model.eval_probes import explorer_for
@@ -32,28 +40,46 @@ class FigureConfig:
     scale: int = 2                            # nearest-neighbour upscale of every frame
     threads: int = 2
     sampler: dict[str, Any] = field(default_factory=dict)
+    actions: list[str] = field(default_factory=lambda: ["explorer"])  # explorer | noop | b1+b2 (held)
+    codec_row: bool = False                   # + the real frames through the codec round trip
 
 
-def dream_and_real(world: Any, seed: int, frames: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(real, dream), each (len(frames), H, W, 3) uint8: frame i = after i explorer steps."""
+def held_action(script: str, world: Any) -> Optional[Action]:
+    """The action a script holds on every step; None for ``explorer``."""
+    if script == "explorer":
+        return None
+    buttons = [] if script == "noop" else script.split("+")
+    try:
+        return Action.make(buttons, world.schema)
+    except ValueError:
+        raise ConfigError(f"figure: action script {script!r} is not explorer, noop or buttons of "
+                          f"{list(world.schema.buttons)} joined by '+'") from None
+
+
+def dream_and_real(world: Any, seed: int, frames: list[int], script: str = "explorer"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(real, dream), each (len(frames), H, W, 3) uint8: frame i = after i steps of ``script``."""
     wanted = set(frames)
+    held = held_action(script, world)
     ctrl = ExplorerController(explorer_for(world.shadow.cfg), world.schema)
     ctrl.reset(seed)
     dream = {0: world.reset(seed)}
     real = {0: world.ground_truth()}
     for i in range(1, max(frames) + 1):
-        g = world.step(ctrl.act(TickInput(sensors=world.sensors(), tick=i - 1)))
+        act = held if held is not None else ctrl.act(TickInput(sensors=world.sensors(), tick=i - 1))
+        g = world.step(act)
         if i in wanted:
             dream[i], real[i] = g, world.ground_truth()
     return np.stack([real[i] for i in frames]), np.stack([dream[i] for i in frames])
 
 
 def make_figure(cfg: FigureConfig) -> dict[str, Any]:
-    if not cfg.seeds or not cfg.frames or min(cfg.frames) < 0 or cfg.scale < 1:
-        raise ConfigError("figure: seeds and frames must be non-empty, frames >= 0, scale >= 1")
+    if not cfg.seeds or not cfg.frames or min(cfg.frames) < 0 or cfg.scale < 1 or not cfg.actions:
+        raise ConfigError("figure: seeds, frames and actions must be non-empty, frames >= 0, scale >= 1")
     import torch
     from PIL import Image
 
+    from world_model.eval_streams import roundtrip_frames
     from world_model.neural_world import build_source
 
     if cfg.threads:
@@ -62,18 +88,24 @@ def make_figure(cfg: FigureConfig) -> dict[str, Any]:
     frames = sorted(set(cfg.frames))
     gap = 2 * cfg.scale
     rows: list[np.ndarray] = []
+    for script in cfg.actions:
+        held_action(script, world)                                          # bad scripts fail first
     for seed in cfg.seeds:
-        for strip in dream_and_real(world, seed, frames):                   # real row, then dream row
-            big = strip.repeat(cfg.scale, axis=1).repeat(cfg.scale, axis=2)  # (n, H*s, W*s, 3)
-            sep = np.full((big.shape[1], gap, 3), 255, np.uint8)
-            rows.append(np.concatenate([x for f in big for x in (f, sep)][:-1], axis=1))
-        rows.append(np.full((3 * gap, rows[-1].shape[1], 3), 255, np.uint8))  # between worlds
+        for script in cfg.actions:
+            real, dream = dream_and_real(world, seed, frames, script)
+            strips = [real, dream] + ([roundtrip_frames(world.codec, real)] if cfg.codec_row else [])
+            for strip in strips:                                            # real, dream (, codec)
+                big = strip.repeat(cfg.scale, axis=1).repeat(cfg.scale, axis=2)  # (n, H*s, W*s, 3)
+                sep = np.full((big.shape[1], gap, 3), 255, np.uint8)
+                rows.append(np.concatenate([x for f in big for x in (f, sep)][:-1], axis=1))
+            rows.append(np.full((3 * gap, rows[-1].shape[1], 3), 255, np.uint8))  # between groups
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(out)
     about = world.describe()
     return {"out": str(out), "checkpoint": about["checkpoint_id"], "seeds": cfg.seeds,
-            "frames": frames, "sampler": about["sampler"]}
+            "frames": frames, "actions": cfg.actions, "codec_row": cfg.codec_row,
+            "sampler": about["sampler"]}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
