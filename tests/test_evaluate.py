@@ -219,7 +219,7 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     report = evaluate(cfg)
     saved = json.loads((out / "eval.json").read_text())
     for key in ("codec", "teacher_forced", "rollout", "probes", "drift", "theme_retention",
-                "action_faithfulness", "latency", "timing_seconds", "samplers"):
+                "action_faithfulness", "latency", "timing_seconds", "samplers", "onsets"):
         assert key in saved, key
     names = ["rolling", "rolling_nosink", "rolling_nolate", "rolling_ctx0", "causal", "teacher"]
     assert saved["recorded_seeds"] == [100000] and saved["seeds"] == [100000, 100001]
@@ -256,6 +256,8 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     assert set(saved["latency"]["configs"]) == set(names)
     md = (out / "eval.md").read_text()
     assert "## Teacher-forced next frame" in md and "| copy-last |" in md and "ΔDrift" in md
+    assert saved["onsets"]["horizon"] == 2 and "## Response to a turn" in md     # quick: 2 frames per onset
+    assert set(saved["onsets"]["configs"]) == (set(names) if saved["onsets"]["positions"] else set())
     assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
     assert md.count("| codec (real frames encoded + decoded) |") == 3 and "through the codec" in md
     # a one-bin drift (stream no longer than a bin) prints no ΔDrift, not 0.00

@@ -57,6 +57,29 @@ def _rollout_section(ro: dict[str, Any]) -> list[str]:
             + _table(["", *[f"{h} {kind}" for h in hs for kind in ("mean", "pooled")]], rows))
 
 
+def _onset_section(on: dict[str, Any] | None) -> list[str]:
+    """Dreams from turn onsets, recorded vs mirrored turn (reports before session 8 have none)."""
+    if not on:
+        return []
+    head = ["## Response to a turn (dreams from real turn onsets)", "",
+            (f"{on['positions']} onsets (the previous frame did not turn, the next {on['horizon']} do). Pooled "
+             "PSNR of frame h after the onset under the recorded turn and under the mirrored turn; response = "
+             f"recorded - mirrored (0 = the command is ignored); first frame with response >= "
+             f"{_f(on['margin_db'])} dB."), ""]
+    if not on["positions"]:
+        return head + ["No turn onsets in these sessions.", ""]
+    hs = [str(h) for h in range(1, on["horizon"] + 1)]
+    get = lambda d, h: (d or {}).get(h, (d or {}).get(int(h)))   # keys are str in eval.json, int before
+    rows = [[label, *[get(on[key], h) for h in hs], *["-"] * len(hs), "-"]
+            for label, key in (("copy-last", "copy_last"), ("codec ceiling", "codec_ceiling"))]
+    late = f"> {on['horizon']}"                                   # no response within the horizon
+    rows += [[n, *[get(v["recorded"], h) for h in hs], *[get(v["response_db"], h) for h in hs],
+              late if v["first_response_frame"] is None else v["first_response_frame"]]
+             for n, v in on["configs"].items()]
+    return head + _table(["", *[f"h={h} PSNR" for h in hs], *[f"h={h} response dB" for h in hs],
+                          "first response frame"], rows)
+
+
 def _drift_section(dr: dict[str, Any]) -> list[str]:
     lines = ["## Drift over long streams", "",
              (f"Bins of {dr['bin_seconds']} s at {dr['fps']} fps; seeds {dr['seeds']}. Quality: 0-100 "
@@ -92,7 +115,8 @@ def markdown(r: dict[str, Any]) -> str:
              "## Codec ceiling", ""]
     lines += _table(["frames", "PSNR mean dB", "PSNR pooled dB", "SSIM"],
                     [[c["frames"], c["psnr"], c.get("psnr_pooled"), c["ssim"]]])
-    lines += _tf_section(r["teacher_forced"]) + _rollout_section(r["rollout"]) + _drift_section(r["drift"])
+    lines += _tf_section(r["teacher_forced"]) + _rollout_section(r["rollout"]) + _onset_section(r.get("onsets"))
+    lines += _drift_section(r["drift"])
     lines += ["## Action faithfulness (inverse-dynamics model)", "",
               (f"Real held-out pairs: accuracy {_f(r['probes']['idm_acc_heldout'])} "
                f"({r['probes']['idm_pairs_heldout']} pairs); theme classifier on held-out frames: "

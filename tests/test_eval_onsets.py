@@ -1,0 +1,90 @@
+"""world_model.eval_onsets: turn onsets are found exactly, and the recorded-vs-mirrored comparison
+differs only in the turn (same context, same noise), so a dream that ignores the command scores 0 dB."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import world_model.eval_onsets as eo
+from world_model.codec import CodecConfig, FrameCodec
+from world_model.dit import ModelConfig, WorldDiT
+from world_model.eval_report import _onset_section
+from world_model.eval_streams import Session, decode_frames
+from world_model.samplers import SamplerConfig, make_sampler
+
+
+def _controls(turns: list[float]) -> np.ndarray:
+    u = np.zeros((len(turns), 4), np.float32)
+    u[:, 2] = turns
+    return u
+
+
+def test_find_onsets_needs_a_still_frame_then_one_held_direction() -> None:
+    u = _controls([0, 0, 0, 1, 1, 1, 0, 0, -1, -1, 0.2, 0, 0, 1, 1])
+    assert eo.find_onsets(u, n_ctx=2, horizon=2, min_turn=0.5) == [3, 8, 13]
+    assert eo.find_onsets(u, n_ctx=4, horizon=2, min_turn=0.5) == [8, 13]      # room for the context
+    assert eo.find_onsets(u, n_ctx=2, horizon=3, min_turn=0.5) == [3]          # 8 and 13 turn for 2 frames only
+    assert eo.find_onsets(_controls([0, 1, -1]), 1, 2, 0.5) == []              # the direction flips
+    assert eo.find_onsets(_controls([0, 0.4, 0.4]), 1, 2, 0.5) == []           # too gentle
+
+
+def test_mirrored_flips_only_the_horizon() -> None:
+    u = torch.from_numpy(_controls([0, 0, 1, 1, 1, 1]))
+    m = eo.mirrored(u, 2, 2)
+    assert m[:, 2].tolist() == [0, 0, -1, -1, 1, 1] and u[:, 2].tolist() == [0, 0, 1, 1, 1, 1]
+    assert torch.equal(m[:, :2], u[:, :2])
+
+
+@pytest.fixture(scope="module")
+def parts() -> tuple[FrameCodec, WorldDiT, Session]:
+    torch.manual_seed(0)
+    codec = FrameCodec(CodecConfig(resolution=64, latent_channels=4, downsample=8, base_channels=8)).eval()
+    dit = WorldDiT(ModelConfig(latent_channels=4, latent_res=8, patch=2, d_model=32, depth=1, heads=2)).eval()
+    with torch.no_grad():                       # wake the zero-initialised gates so controls matter
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    frames = (np.random.default_rng(0).random((40, 64, 64, 3)) * 255).astype(np.uint8)
+    turns = [0.0] * 40
+    turns[10:14] = [1.0] * 4                    # onset at 10
+    turns[25:29] = [-1.0] * 4                   # onset at 25
+    with torch.no_grad():
+        z = codec.encode(codec.frames_to_tensor(frames))
+    s = Session(100000, 0, frames, _controls(turns), z, decode_frames(codec, z), False)
+    return codec, dit, s
+
+
+def test_onset_metrics_compare_like_with_like(parts: tuple[FrameCodec, WorldDiT, Session],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    codec, dit, s = parts
+    samplers = {"rolling": make_sampler(dit, SamplerConfig(name="rolling", steps=2)),
+                "causal": make_sampler(dit, SamplerConfig(name="causal", steps=2))}
+    cfg = eo.OnsetConfig(positions=8, horizon=3)
+    out = eo.onset_metrics(codec, samplers, [s], cfg)
+    assert out["positions"] == 2 and set(out["copy_last"]) == {1, 2, 3}
+    for v in out["configs"].values():
+        assert v["response_db"][1] == pytest.approx(v["recorded"][1] - v["mirrored"][1])
+    # this model reads its controls: the mirrored turn changes the dream
+    assert any(abs(d) > 1e-6 for v in out["configs"].values() for d in v["response_db"].values())
+    # a "mirror" that changes nothing: same context, same noise -> exactly 0 dB, no response
+    monkeypatch.setattr(eo, "mirrored", lambda u, start, horizon: u.clone())
+    same = eo.onset_metrics(codec, samplers, [s], cfg)
+    for v in same["configs"].values():
+        assert all(d == 0.0 for d in v["response_db"].values()) and v["first_response_frame"] is None
+    assert eo.onset_metrics(codec, samplers, [s], eo.OnsetConfig(positions=1, horizon=3))["positions"] == 1
+    assert eo.onset_metrics(codec, samplers, [s], eo.OnsetConfig(positions=0))["configs"] == {}
+
+
+def test_onset_section_in_markdown() -> None:
+    on = {"horizon": 2, "positions": 5, "margin_db": 1.0, "copy_last": {"1": 20.0, "2": 18.0},
+          "codec_ceiling": {"1": 29.0, "2": 29.0},
+          "configs": {"rolling": {"recorded": {"1": 20.5, "2": 19.5}, "mirrored": {"1": 20.3, "2": 18.0},
+                                  "response_db": {"1": 0.2, "2": 1.5}, "first_response_frame": 2},
+                      "blind": {"recorded": {"1": 20.0, "2": 18.0}, "mirrored": {"1": 20.0, "2": 18.0},
+                                "response_db": {"1": 0.0, "2": 0.0}, "first_response_frame": None}}}
+    text = "\n".join(_onset_section(on))
+    assert "## Response to a turn" in text and "| rolling | 20.50 | 19.50 | 0.20 | 1.50 | 2 |" in text
+    assert "| blind | 20.00 | 18.00 | 0.00 | 0.00 | > 2 |" in text
+    assert "| copy-last | 20.00 | 18.00 | - | - | - |" in text
+    assert _onset_section(None) == []                                  # reports written before the section
+    assert "No turn onsets" in "\n".join(_onset_section({**on, "positions": 0, "configs": {}}))

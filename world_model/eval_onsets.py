@@ -1,0 +1,102 @@
+"""Does the dream turn the way it is told, and how soon? Dreams from real turn onsets.
+
+The key-press latency (``eval_streams.measure_latency``) counts frames until a press
+changes the picture at all. That is a low bar: a rolling window shows *some* change on
+the next frame, because late binding rewrites the action of frames that are almost
+denoised, but the structure of those frames was laid down at high noise under the old
+action. This section asks whether the change is the *right* one.
+
+At every turn onset of a held-out session (the previous frame did not turn; the next
+``horizon`` frames all turn the same way by at least ``min_turn``), each config dreams
+``horizon`` frames from the real context twice: under the recorded controls, and with the
+turn mirrored (the other way, everything else equal). Per horizon h (frame p+h-1 against
+the real frame), pooled PSNR of both, and their difference ``response_db``: how much
+closer the dream is to the truth when told the right direction. 0 dB means the dream
+ignores the command; the first h with ``response_db >= margin_db`` is reported as
+``first_response_frame`` (1 = the frame returned by the press's own step).
+Baselines per h: copy-last (frame p-1) and the codec ceiling (the real frame round-tripped).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from world_model.eval_metrics import pooled_psnr
+from world_model.eval_streams import Session, decode_frames, dream_from_context
+from world_model.samplers import StreamSampler
+
+TURN = 2  # column of ``turn`` in the (T, 4) controls: move, strafe, turn, run
+
+
+@dataclass
+class OnsetConfig:
+    positions: int = 8         # turn onsets per seed, spread over the session (0 = section off)
+    horizon: int = 4           # frames dreamed from each onset
+    min_turn: float = 0.5      # |turn| every frame of the horizon holds, one sign
+    margin_db: float = 1.0     # response_db that counts as "shows the right turn"
+
+
+def find_onsets(controls: np.ndarray, n_ctx: int, horizon: int, min_turn: float) -> list[int]:
+    """Frame indices p of turn onsets in controls (T, 4): turn of frame p-1 under 0.1, turns of
+    frames p..p+horizon-1 at least ``min_turn`` in size and of one sign; p >= n_ctx (context)."""
+    turn = np.asarray(controls, dtype=np.float64)[:, TURN]                       # (T,)
+    out = []
+    for p in range(max(n_ctx, 1), len(turn) - horizon + 1):
+        seg = turn[p:p + horizon]
+        if abs(turn[p - 1]) < 0.1 and np.all(np.abs(seg) >= min_turn) and len(set(np.sign(seg))) == 1:
+            out.append(p)
+    return out
+
+
+def _spread(items: list[int], n: int) -> list[int]:
+    """Up to n items, evenly spaced over the list (all of them if there are fewer)."""
+    if len(items) <= n:
+        return items
+    return [items[int(round(i))] for i in np.linspace(0, len(items) - 1, n)]
+
+
+def mirrored(controls: torch.Tensor, start: int, horizon: int) -> torch.Tensor:
+    """A copy of controls (T, 4) whose turns of frames start..start+horizon-1 point the other way."""
+    out = controls.clone()
+    out[start:start + horizon, TURN] = -out[start:start + horizon, TURN]
+    return out
+
+
+def onset_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
+                  cfg: OnsetConfig, seed: int = 0) -> dict[str, Any]:
+    """The onset section: positions, baselines by horizon, and per config recorded / mirrored /
+    response_db by horizon (pooled PSNR over the onsets) and ``first_response_frame``."""
+    H = cfg.horizon
+    if H < 1 or cfg.positions < 0:
+        raise ValueError(f"onsets: horizon must be >= 1 and positions >= 0, got {H}, {cfg.positions}")
+    n_ctx = max(s.cfg.sink_frames + s.cfg.cache_frames for s in samplers.values())
+    idx = [(s, p) for s in sessions if cfg.positions
+           for p in _spread(find_onsets(s.controls, n_ctx, H, cfg.min_turn), cfg.positions)]
+    out: dict[str, Any] = {"horizon": H, "positions": len(idx), "margin_db": cfg.margin_db,
+                           "copy_last": {}, "codec_ceiling": {}, "configs": {}}
+    if not idx:
+        return out
+    truth = {h: np.stack([s.frames[p + h - 1] for s, p in idx]) for h in range(1, H + 1)}
+    for h in range(1, H + 1):
+        out["copy_last"][h] = pooled_psnr(np.stack([s.frames[p - 1] for s, p in idx]), truth[h])
+        out["codec_ceiling"][h] = pooled_psnr(np.stack([s.recon[p + h - 1] for s, p in idx]), truth[h])
+    ctrl = {s.seed: torch.from_numpy(s.controls) for s in sessions}
+    for name, sampler in samplers.items():
+        k = sampler.cfg.sink_frames + sampler.cfg.cache_frames
+        t0 = time.perf_counter()
+        res: dict[str, Any] = {}
+        for variant in ("recorded", "mirrored"):
+            dreams = []                                                           # each (H, H_px, W_px, 3)
+            for s, p in idx:
+                u = ctrl[s.seed] if variant == "recorded" else mirrored(ctrl[s.seed], p, H)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + s.seed * 1009 + p)  # same noise for both
+                dreams.append(decode_frames(codec, dream_from_context(sampler, s.latents, u, p, k, H, gen)))
+            res[variant] = {h: pooled_psnr(np.stack([d[h - 1] for d in dreams]), truth[h]) for h in range(1, H + 1)}
+        res["response_db"] = {h: res["recorded"][h] - res["mirrored"][h] for h in range(1, H + 1)}
+        first: Optional[int] = next((h for h in range(1, H + 1) if res["response_db"][h] >= cfg.margin_db), None)
+        out["configs"][name] = {**res, "first_response_frame": first, "seconds": time.perf_counter() - t0}
+    return out
