@@ -42,6 +42,8 @@ from world_model.accel import FrameStager, WindowStep, describe, prepare_for_dev
 from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
 from world_model.dit import ModelConfig, WorldDiT  # noqa: E402
 from world_model.flops import FrameCost, ForwardTracer, counted_flops, matmul_peak_gflops  # noqa: E402
+from world_model.bench_report import markdown  # noqa: E402
+from world_model.bench_scaling import SCALING_AXES, run_scaling  # noqa: E402,F401 (SCALING_AXES: re-export)
 from world_model.samplers import SAMPLERS, SamplerConfig, make_sampler, resolve_sampler_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -441,135 +443,6 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                    "rss_after_warmup_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
                    "growth_mb": round(rss1 - rss0, 2)},
         "producers": None, "scaling": None}
-
-
-# ----------------------------------------------------------------------------- scaling sweep
-SCALING_AXES: dict[str, list[Any]] = {"resolution": [64, 96, 128], "window": [2, 4, 8], "sink": [0, 1, 4],
-                                      "cache": [1, 3, 8], "model": ["tiny", "small", "base"]}
-
-
-def _scaling_point(p: dict[str, Any], frames: int, warmup: int, device: str, seed: int) -> dict[str, Any]:
-    """Time ``frames`` rolling steps + decodes of a random-init world at point ``p``."""
-    world = World.random(p["model"], p["resolution"], device=device)
-    scfg = SamplerConfig(name="rolling", steps=p["window"], sink_frames=p["sink"], cache_frames=p["cache"])
-    stream = Stream(world, scfg)
-    stages: dict[str, list[float]] = {s: [] for s in ("window_forward", "cache_rerun", "sampler_other", "decode")}
-    u = torch.zeros(4, device=world.device)
-    with ForwardTracer(world.step_model) as tracer:
-        stream.start(seed)
-        calls: list[Any] = []
-        for i in range(warmup + frames):
-            tracer.take()
-            t0 = time.perf_counter()
-            z = stream.sampler.step(u)
-            _sync(world.device)
-            t1 = time.perf_counter()
-            stream.stager(z)
-            t2 = time.perf_counter()
-            c = tracer.take()
-            if i >= warmup:
-                calls += c
-                fwd = sum(x.seconds for x in c if x.kind == "window")
-                rr = sum(x.seconds for x in c if x.kind == "rerun")
-                for k, v in (("window_forward", fwd), ("cache_rerun", rr),
-                             ("sampler_other", max(t1 - t0 - fwd - rr, 0.0)), ("decode", t2 - t1)):
-                    stages[k].append(v * 1e3)
-    total = sum(np.asarray(v) for v in stages.values())
-    return {**p, "tokens_per_frame": world.model.tokens_per_frame, "past_frames": p["sink"] + p["cache"],
-            "params_m": world.info()["params_m"], "ms_p50": round(float(np.percentile(total, 50)), 3),
-            "stages_ms": {k: round(float(np.mean(v)), 3) for k, v in stages.items()},
-            "gflop_per_frame": round(FrameCost.of(calls, frames).flops / 1e9, 5)}
-
-
-def _natural_size(axis: str, pt: dict[str, Any]) -> float:
-    """What an axis really grows: tokens per frame, window frames, attended past frames, parameters."""
-    return float({"resolution": pt["tokens_per_frame"], "window": pt["window"], "sink": pt["past_frames"],
-                  "cache": pt["past_frames"], "model": pt["params_m"]}[axis])
-
-
-def run_scaling(frames: int, warmup: int, model: str = "small", device: str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """One axis at a time around (64 px, W=4, S=1, L=3, ``model``): ms/frame, stages, fitted growth."""
-    base = {"resolution": 64, "window": 4, "sink": 1, "cache": 3, "model": model}
-    memo: dict[tuple[Any, ...], dict[str, Any]] = {}
-    axes: dict[str, Any] = {}
-    for axis, values in SCALING_AXES.items():
-        pts = []
-        for val in values:
-            p = {**base, axis: val}
-            key = tuple(p.values())
-            if key not in memo:
-                memo[key] = _scaling_point(p, frames, warmup, device, seed)
-            pts.append(memo[key])
-        xs = np.log([_natural_size(axis, q) for q in pts])
-        ys = np.log([max(q["ms_p50"], 1e-6) for q in pts])
-        top = pts[-1]["stages_ms"]
-        dom = max(top, key=lambda k: top[k])
-        axes[axis] = {"points": pts, "ms_ratio": round(pts[-1]["ms_p50"] / max(pts[0]["ms_p50"], 1e-6), 3),
-                      "loglog_exponent": round(float(np.polyfit(xs, ys, 1)[0]), 3) if len(set(xs)) > 1 else None,
-                      "dominant_stage": dom,
-                      "dominant_share": round(top[dom] / max(sum(top.values()), 1e-9), 3)}
-    worst = max(axes, key=lambda a: axes[a]["ms_ratio"])
-    a = axes[worst]
-    return {"base": base, "frames": frames, "axes": axes, "dominant_axis": worst,
-            "verdict": (f"{worst} dominates: x{a['ms_ratio']} from {SCALING_AXES[worst][0]} to "
-                        f"{SCALING_AXES[worst][-1]} (time ~ size^{a['loglog_exponent']}); at the largest "
-                        f"point {a['dominant_stage']} is {round(100 * a['dominant_share'])}% of a frame")}
-
-
-# ----------------------------------------------------------------------------- markdown
-def _photon(p: dict[str, Any]) -> str:
-    return (f"{p['first_effect_frames']} / {p['own_control_frames']} / {p['full_effect_frames']} "
-            f"({p['own_control_ms']})")
-
-
-def markdown(res: dict[str, Any]) -> str:
-    """A dated results section for docs/benchmarks.md (one table row per variant)."""
-    m, mod = res["machine"], res["model"]
-    out = [f"\n### {res['date']} · {m['cpu']} · {m['threads']} threads · torch {m['torch']} · "
-           f"{res['accel']['device']}\n",
-           f"Model: {mod['source']} ({mod['params_m']} M params, {mod['tokens_per_frame']} tokens/frame, "
-           f"{mod['dtype']}). Renderer: {res['renderer']}. Peak fp32 matmul: {res['peak_gflops']['used']} "
-           f"GFLOP/s. {res['frames']} timed frames after {res['warmup']} warm-up.\n",
-           "| variant | fps gen | fps pipe | p50 ms | p95 ms | p99 ms | fwd ms | rerun ms | other ms | decode ms "
-           "| present ms | input ms | fwd/frame | GFLOP/frame | MFU fwd | input→photon frames first / own / full "
-           "(ms own) |", "|" + "---|" * 16]
-    for name, s in res["samplers"].items():
-        st, lat = s["stages_ms"], s["latency_ms"]
-        cells = [name, s["fps_generated"], s["fps_pipeline"], lat["p50"], lat["p95"], lat["p99"]]
-        cells += [st[k]["mean"] for k in STAGES[1:]] + [st["input"]["mean"], s["forwards_per_frame"],
-                                                        s["flops"]["dit_gflop_per_frame"], s["flops"]["mfu_forward"],
-                                                        _photon(s["input_to_photon"])]
-        out.append("| " + " | ".join(str(c) for c in cells) + " |")
-    c, mem = res["classic"], res["memory"]
-    out.append(f"\nClassic game floor: {c['game_ms']['p50']} ms/frame (game), {c['latency_ms']['p50']} ms "
-               f"(pipeline). Peak RSS {mem['peak_rss_mb']} MB; RSS growth over the timed stream "
-               f"{mem['growth_mb']} MB.")
-    for name, f in res["fold_rerun"].items():
-        out.append(f"fold_rerun {name}: off/on = {f['off_over_on']} ({f['forwards_per_frame_off']} vs "
-                   f"{f['forwards_per_frame_on']} forwards per frame).")
-    pr = res.get("producers")
-    if pr:
-        out += [f"\nProducers (the engine's ThreadedProducer / PipelinedProducer, frames pulled flat out, "
-                f"{pr['blocks']} alternating blocks of {pr['frames_per_block']} frames; pipelined / sequential "
-                f"= {pr['pipelined_over_sequential_fps']}):\n",
-                "| producer | fps gen | interval p50 / p95 / p99 ms | submit→frame p50 / p95 ms | MFU frame "
-                "| fps per block |", "|" + "---|" * 6]
-        for name in ("sequential", "pipelined"):
-            v = pr[name]
-            iv, lt = v["interval_ms"], v["submit_to_frame_ms"]
-            out.append(f"| {name} | {v['fps_generated']} | {iv['p50']} / {iv['p95']} / {iv['p99']} "
-                       f"| {lt['p50']} / {lt['p95']} | {v.get('mfu_frame', 'n/a')} | {v['block_fps']} |")
-    sc = res.get("scaling")
-    if sc:
-        out += [f"\nScaling (random init, base {sc['base']}): {sc['verdict']}.\n",
-                "| axis | value | tokens/frame | past frames | ms p50 | fwd ms | decode ms | GFLOP/frame |",
-                "|" + "---|" * 8]
-        for axis, a in sc["axes"].items():
-            for p in a["points"]:
-                out.append(f"| {axis} | {p[axis]} | {p['tokens_per_frame']} | {p['past_frames']} | {p['ms_p50']} "
-                           f"| {p['stages_ms']['window_forward']} | {p['stages_ms']['decode']} "
-                           f"| {p['gflop_per_frame']} |")
-    return "\n".join(out) + "\n"
 
 
 def bench(argv: list[str]) -> dict[str, Any]:
