@@ -33,21 +33,17 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # stdout carries only 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from controllers.base import TickInput  # noqa: E402
 from engine.cli import check_ranges, json_main, parse_kv_args  # noqa: E402
 from engine.config import ConfigError, to_dataclass, to_plain  # noqa: E402
-from world_model.accel import FrameStager, WindowStep, describe, prepare_for_device  # noqa: E402
-from world_model.codec import CodecConfig, FrameCodec  # noqa: E402
-from world_model.dit import ModelConfig, WorldDiT  # noqa: E402
-from world_model.flops import FrameCost, ForwardTracer, counted_flops, matmul_peak_gflops  # noqa: E402
+from world_model.accel import describe  # noqa: E402
+from world_model.flops import FrameCost, ForwardTracer, matmul_peak_gflops  # noqa: E402
 from world_model.bench_report import markdown  # noqa: E402
+from world_model.bench_world import STAGES, Stream, World, _sync  # noqa: E402
 from world_model.bench_scaling import SCALING_AXES, run_scaling  # noqa: E402,F401 (SCALING_AXES: re-export)
-from world_model.samplers import SAMPLERS, SamplerConfig, make_sampler, resolve_sampler_config  # noqa: E402
+from world_model.samplers import SAMPLERS, SamplerConfig, resolve_sampler_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("input", "window_forward", "cache_rerun", "sampler_other", "decode", "present")
 
 
 @dataclass
@@ -115,11 +111,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def control_latency(cfg: SamplerConfig) -> dict[str, int]:
     """Emitted frames from the ``step`` that receives a control change (its own frame counts as 1)
     until the change reaches a frame, in three degrees:
@@ -139,69 +130,7 @@ def control_latency(cfg: SamplerConfig) -> dict[str, int]:
     return {"first_effect_frames": 1, "own_control_frames": 1, "full_effect_frames": 1}
 
 
-def preset(name: str, latent_res: int = 8) -> ModelConfig:
-    """conf/model/<name>.yaml as a ModelConfig (latent grid side overridden)."""
-    path = ROOT / "conf" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown model preset {name!r} ({path} missing)")
-    cfg = to_dataclass(ModelConfig, OmegaConf.load(path), f"model preset {name}")
-    cfg.latent_res = latent_res
-    return cfg
-
-
 # ----------------------------------------------------------------------------- the world under test
-class World:
-    """Codec + model (maybe a WindowStep) on a device, and the context that starts a stream."""
-
-    def __init__(self, codec: FrameCodec, model: WorldDiT, source: str, device: str = "cpu",
-                 accel: str = "auto", sampler_defaults: Optional[dict[str, Any]] = None,
-                 classic: Any = None) -> None:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        self.model, self.codec, self.dtype = prepare_for_device(model, codec, dev)
-        self.device, self.source = dev, source
-        self.step_model = WindowStep(model, accel)
-        # The checkpoint's recommendation, as stored; resolve_sampler_config drops unknown keys.
-        self.sampler_defaults = dict(sampler_defaults or {})
-        from engine.classic_game import ClassicConfig
-        r = codec.cfg.resolution
-        self.classic = classic or ClassicConfig(width=r, height=r)
-        self.resolution = (r, r)
-        z = torch.zeros(1, *codec.latent_shape, device=dev, dtype=self.dtype)
-        self.decode_flops = counted_flops(lambda: codec.decode(z))       # per frame (convs)
-        self._ctx: dict[int, torch.Tensor] = {}
-
-    @classmethod
-    def random(cls, model_name: str = "small", resolution: int = 64, **kw: Any) -> "World":
-        """Random-init codec (downsample 8) + model preset: speed does not depend on weights."""
-        codec = FrameCodec(CodecConfig(resolution=resolution, latent_channels=preset(model_name).latent_channels))
-        model = WorldDiT(preset(model_name, codec.cfg.latent_res))
-        return cls(codec, model, f"random-init {model_name} preset", **kw)
-
-    def context(self, n: int, seed: int) -> torch.Tensor:
-        """(n, C, h, w) latents of the classic game's first n frames of world ``seed`` (standing still)."""
-        if n not in self._ctx:
-            from engine.classic_game import ClassicGame
-            game = ClassicGame(self.classic)
-            frames = [game.reset(seed)] + [game.step(game.schema.noop()) for _ in range(max(n - 1, 0))]
-            x = self.codec.frames_to_tensor(np.stack(frames[:n])).to(self.device, self.dtype)
-            with torch.no_grad():
-                self._ctx[n] = self.codec.encode(x)
-        return self._ctx[n]
-
-    def model_gemm(self, window: int = 4) -> tuple[int, int, int]:
-        """(m, k, n) of the model's MLP up-projection for a folded window of ``window`` frames."""
-        c = self.model.cfg
-        return (window + 1) * self.model.tokens_per_frame, c.d_model, int(c.d_model * c.mlp_ratio)
-
-    def info(self) -> dict[str, Any]:
-        c = self.model.cfg
-        return {"source": self.source, "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 3),
-                "codec_params_m": round(sum(p.numel() for p in self.codec.parameters()) / 1e6, 3),
-                "config": to_plain(c), "tokens_per_frame": self.model.tokens_per_frame,
-                "resolution": list(self.resolution), "dtype": str(self.dtype).replace("torch.", "")}
-
-
 def build_world(cfg: BenchConfig) -> World:
     from engine.actions import DEFAULT_SCHEMA
     from world_model.checkpoint import load_checkpoint, resolve_dir
@@ -216,25 +145,6 @@ def build_world(cfg: BenchConfig) -> World:
     ck = load_checkpoint(path, DEFAULT_SCHEMA)
     return World(ck.codec, ck.dit, f"checkpoint {path} (id {ck.id})",
                  sampler_defaults=ck.config.get("sampler_defaults"), classic=classic_config_for(ck), **kw)
-
-
-class Stream:
-    """One sampler over the world's model, with its decode path."""
-
-    def __init__(self, world: World, cfg: SamplerConfig) -> None:
-        self.world, self.cfg = world, cfg
-        self.sampler = make_sampler(world.step_model, cfg)
-        self.stager = FrameStager(world.codec)
-
-    def start(self, seed: int) -> None:
-        n = self.cfg.sink_frames + self.cfg.cache_frames
-        ctx = self.world.context(max(n, 1), seed)
-        gen = torch.Generator(device=self.world.device).manual_seed(seed)
-        self.sampler.start(ctx, torch.zeros(ctx.shape[0], 4, device=self.world.device), gen)
-
-    def kv_bytes(self) -> int:
-        cache = getattr(self.sampler.history, "cache", None)
-        return int(cache.nbytes()) if cache is not None else 0
 
 
 # ----------------------------------------------------------------------------- the frame pipeline

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from world_model.bench_world import STAGES
+
 
 # ----------------------------------------------------------------------------- markdown
 def _photon(p: dict[str, Any]) -> str:
@@ -14,7 +16,6 @@ def _photon(p: dict[str, Any]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     """A dated results section for docs/benchmarks.md (one table row per variant)."""
-    from world_model.bench import STAGES  # lazy: bench imports this module
     m, mod = res["machine"], res["model"]
     out = [f"\n### {res['date']} · {m['cpu']} · {m['threads']} threads · torch {m['torch']} · "
            f"{res['accel']['device']}\n",

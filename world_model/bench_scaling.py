@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from world_model.bench_world import Stream, World, _sync
 from world_model.flops import FrameCost, ForwardTracer
 from world_model.samplers import SamplerConfig
 
@@ -23,7 +24,6 @@ SCALING_AXES: dict[str, list[Any]] = {"resolution": [64, 96, 128], "window": [2,
 
 def _scaling_point(p: dict[str, Any], frames: int, warmup: int, device: str, seed: int) -> dict[str, Any]:
     """Time ``frames`` rolling steps + decodes of a random-init world at point ``p``."""
-    from world_model.bench import Stream, World, _sync  # lazy: bench imports this module
     world = World.random(p["model"], p["resolution"], device=device)
     scfg = SamplerConfig(name="rolling", steps=p["window"], sink_frames=p["sink"], cache_frames=p["cache"])
     stream = Stream(world, scfg)
