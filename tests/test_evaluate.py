@@ -233,6 +233,12 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     assert len(first["quality_codec"]) == len(first["quality"]) == 3 and len(first["fd_codec"]) == 3
     assert all(0.0 <= v <= 1.0 for v in first["theme_retention_codec"])
     assert "quality_codec" not in saved["drift"]["configs"]["causal"]
+    # the tiny checkpoint writes its history clean by default, so rolling_ctx0 is rolling: not streamed
+    # twice, and without the codec ceiling (measured once, with the first config)
+    ctx0, rolling = saved["drift"]["configs"]["rolling_ctx0"], saved["drift"]["configs"]["rolling"]
+    assert saved["samplers"]["rolling_ctx0"] == saved["samplers"]["rolling"] and ctx0["same_as"] == "rolling"
+    assert ctx0["theme_retention"] == rolling["theme_retention"] and "quality_codec" not in ctx0
+    assert "codec_balanced_acc" not in ctx0["action"] and ctx0["action"]["acc"] == rolling["action"]["acc"]
     assert 0.0 <= first["action"]["codec_balanced_acc"] <= 1.0
     tf = saved["teacher_forced"]
     assert set(tf["configs"]) == set(names) and tf["positions"] == 4 and tf["copy_last"]["psnr"] > 15
@@ -259,6 +265,7 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     assert saved["onsets"]["horizon"] == 2 and "## Response to a turn" in md     # quick: 2 frames per onset
     assert set(saved["onsets"]["configs"]) == (set(names) if saved["onsets"]["positions"] else set())
     assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
+    assert "not streamed twice" in md and "rolling_ctx0 = rolling" in md
     assert md.count("| codec (real frames encoded + decoded) |") == 3 and "through the codec" in md
     # a one-bin drift (stream no longer than a bin) prints no ΔDrift, not 0.00
     for v in saved["drift"]["configs"].values():

@@ -92,6 +92,10 @@ def _drift_section(dr: dict[str, Any]) -> list[str]:
                       v["fd"][-1], v["fd_floor"][0], v["psnr_vs_truth"][0],
                       (v.get("psnr_vs_truth_pooled") or [None])[0], v["ms_per_frame"]]
                      for n, v in dr["configs"].items()])
+    same = [f"{n} = {v['same_as']}" for n, v in dr["configs"].items() if v.get("same_as")]
+    if same:
+        lines += [(f"Configs with the same sampler settings as an earlier one, not streamed twice (seeded "
+                   f"streams are identical): {', '.join(same)}."), ""]
     for key, title in (("quality", "Quality per bin"), ("fd", "Fréchet distance per bin"),
                        ("theme_retention", "Theme retention per bin (share of frames)")):
         n_bins = max(len(v[key]) for v in dr["configs"].values())

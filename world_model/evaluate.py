@@ -181,6 +181,14 @@ def eval_codec(sessions: list[Session], n: int) -> dict[str, Any]:
             "psnr_pooled": pooled_psnr(real[idx], recon[idx]), "ssim": float(ssim(real[idx], recon[idx]).mean())}
 
 
+def _without_codec(result: dict[str, Any]) -> dict[str, Any]:
+    """A drift result without its codec-ceiling entries (measured once, with the first config)."""
+    out = {k: v for k, v in result.items() if "codec" not in k}
+    if isinstance(out.get("action"), dict):
+        out["action"] = {k: v for k, v in out["action"].items() if not k.startswith("codec")}
+    return out
+
+
 def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session], scfgs: dict[str, SamplerConfig],
                probes: Probes, classic: ClassicConfig) -> dict[str, Any]:
     """Drift streams of every config on the first ``stream_seeds`` worlds, summarised per bin.
@@ -196,6 +204,7 @@ def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session],
     out: dict[str, Any] = {"bin_seconds": cfg.bin_seconds, "fps": cfg.fps, "seeds": [s.seed for s in streams],
                            "configs": {}}
     probe_key = [weights_key(probes.theme), weights_key(probes.idm), probes.quality_ref.tolist()]
+    streamed: dict[str, tuple[Any, int]] = {}      # config -> (sampler config, frames) of its result
     for k, (name, scfg) in enumerate(scfgs.items()):
         minutes = cfg.stream_minutes.get(name) or cfg.minutes
         n_frames = max(1, int(round(minutes * 60 * cfg.fps)))
@@ -209,13 +218,21 @@ def eval_drift(ckpt: LoadedCheckpoint, cfg: EvalConfig, sessions: list[Session],
             saved = json.loads(part.read_text())
             if saved.get("key") == key:
                 out["configs"][name] = saved["result"]
+                streamed[name] = (key["sampler"], n_frames)
                 continue
-        world = NeuralWorld(NeuralConfig(sampler=scfg, device="cpu"), DEFAULT_SCHEMA, checkpoint=ckpt)
-        # The codec ceiling (the shadow frames through the codec) once, with the first config:
-        # the shadow path follows the explorer on the shadow game, so it is the same for every config.
-        rt = (lambda f: roundtrip_frames(ckpt.codec, f)) if k == 0 else None
-        recs = [run_drift_stream(world, probes, s.seed, n_frames, bin_frames, s.theme, rt) for s in streams]
-        out["configs"][name] = _clean({"minutes": minutes, **summarize_drift(recs, ref_features)})
+        # An ablation can equal the checkpoint's default (rolling_ctx0 when the checkpoint writes its
+        # history clean): seeded streams of one sampler config are identical, so it is not streamed twice.
+        same = next((n for n, sk in streamed.items() if sk == (key["sampler"], n_frames)), None)
+        if same is not None:
+            out["configs"][name] = {**_without_codec(out["configs"][same]), "same_as": same}
+        else:
+            world = NeuralWorld(NeuralConfig(sampler=scfg, device="cpu"), DEFAULT_SCHEMA, checkpoint=ckpt)
+            # The codec ceiling (the shadow frames through the codec) once, with the first config: the
+            # shadow path follows the explorer on the shadow game, so it is the same for every config.
+            rt = (lambda f: roundtrip_frames(ckpt.codec, f)) if k == 0 else None
+            recs = [run_drift_stream(world, probes, s.seed, n_frames, bin_frames, s.theme, rt) for s in streams]
+            out["configs"][name] = _clean({"minutes": minutes, **summarize_drift(recs, ref_features)})
+        streamed[name] = (key["sampler"], n_frames)
         part.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(part, json.dumps({"key": key, "result": out["configs"][name]}).encode())
     return out
