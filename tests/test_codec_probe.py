@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from world_model.codec import frames_to_tensor, tensor_to_frames
-from world_model.codec_probe import centre_psnr, main, probe, shift_latents, shift_pixels, turn_pairs
+from world_model.codec_probe import (
+    centre_psnr,
+    main,
+    probe,
+    shift_latents,
+    shift_pixels,
+    turn_pairs,
+)
+from world_model.eval_metrics import PSNR_CAP
 
 
 class BlockCodec:
@@ -46,10 +54,10 @@ def test_whole_cell_turns_are_latent_shifts_half_cell_turns_are_not() -> None:
     a = _blocks(6)
     whole = probe(BlockCodec(), a, shift_pixels(a, 4), max_shift_px=8)       # one 4-pixel cell
     assert whole["latent_grid"] == [16, 16] and whole["pixels_per_cell"] == 4
-    assert whole["best_pixel_shift"] > 100 and whole["best_latent_shift_cells"] > 100   # exact: MSE ~0
+    assert whole["best_pixel_shift"] == whole["best_latent_shift_cells"] == PSNR_CAP   # exact: MSE ~0
     assert whole["latent_shift_share"] == pytest.approx(1.0, abs=1e-6)
     half = probe(BlockCodec(), a, shift_pixels(a, 2), max_shift_px=8)        # half a cell
-    assert half["best_pixel_shift"] > 100                                     # the picture did shift
+    assert half["best_pixel_shift"] == PSNR_CAP                               # the picture did shift
     assert half["best_latent_shift_quarter_cells"] < 40 and half["latent_shift_share"] < 0.5
     assert half["copy_last"] < half["best_latent_shift_quarter_cells"]       # interpolation still helps
 
@@ -62,7 +70,7 @@ def test_turn_pairs_and_centre_crop() -> None:
     u[4, 0] = 0.5                                                             # walking too: not pure
     assert turn_pairs(frames, u) == [0]
     c = centre_psnr(BlockCodec(), frames)
-    assert c["frames"] == 5 and c["full"] > 100 and c["centre16"] > 100      # exact on block pictures
+    assert c["frames"] == 5 and c["full"] == c["centre16"] == PSNR_CAP        # exact on block pictures
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

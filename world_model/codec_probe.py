@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.cli import json_main, parse_kv_args
 from engine.config import ConfigError
+from world_model.eval_metrics import frame_mse, pooled_psnr, pooled_psnr_of_mse
 
 TURN_MIN = 0.9  # |turn| of a pure-turn step (the explorer turns at 0.9-1.0)
 
@@ -68,15 +69,6 @@ def shift_latents(z: Any, s: float) -> Any:
     return z[..., i0] * (1 - f) + z[..., i1] * f
 
 
-def _mse(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(N,) per-frame MSE of two uint8 batches."""
-    return ((x.astype(np.float64) - y.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-
-
-def _db(mse: np.ndarray) -> float:
-    return float(10 * np.log10(255.0 ** 2 / max(float(np.mean(mse)), 1e-12)))
-
-
 def probe(codec: Any, a: np.ndarray, b: np.ndarray, max_shift_px: int) -> dict[str, Any]:
     """The turn section for frame pairs a -> b, each (N, H, W, 3) uint8."""
     import torch
@@ -91,15 +83,17 @@ def probe(codec: Any, a: np.ndarray, b: np.ndarray, max_shift_px: int) -> dict[s
 
     def best_latent(shifts: list[float]) -> np.ndarray:
         """(N,) per pair, the MSE of the best of these latent shifts, decoded."""
-        return np.min(np.stack([_mse(decode_frames(codec, shift_latents(za, s)), b) for s in shifts]), axis=0)
+        return np.min(np.stack([frame_mse(decode_frames(codec, shift_latents(za, s)), b) for s in shifts]), axis=0)
 
-    pixel = np.min(np.stack([_mse(shift_pixels(a, dx), b) for dx in range(-max_shift_px, max_shift_px + 1)]), axis=0)
+    pixel = np.min(np.stack([frame_mse(shift_pixels(a, dx), b)
+                             for dx in range(-max_shift_px, max_shift_px + 1)]), axis=0)
     out = {"pairs": len(a), "latent_grid": list(za.shape[-2:]), "pixels_per_cell": cell,
-           "copy_last": _db(_mse(a, b)), "best_pixel_shift": _db(pixel),
-           "codec_copy_last": _db(_mse(decode_frames(codec, za), b)),
-           "best_latent_shift_cells": _db(best_latent([float(s) for s in range(-reach, reach + 1)])),
-           "best_latent_shift_quarter_cells": _db(best_latent([k / 4 for k in range(-4 * reach, 4 * reach + 1)])),
-           "codec_ceiling": _db(_mse(decode_frames(codec, zb), b))}
+           "copy_last": pooled_psnr(a, b), "best_pixel_shift": pooled_psnr_of_mse(pixel),
+           "codec_copy_last": pooled_psnr(decode_frames(codec, za), b),
+           "best_latent_shift_cells": pooled_psnr_of_mse(best_latent([float(s) for s in range(-reach, reach + 1)])),
+           "best_latent_shift_quarter_cells":
+               pooled_psnr_of_mse(best_latent([k / 4 for k in range(-4 * reach, 4 * reach + 1)])),
+           "codec_ceiling": pooled_psnr(decode_frames(codec, zb), b)}
     span = out["best_pixel_shift"] - out["copy_last"]
     out["latent_shift_share"] = (out["best_latent_shift_quarter_cells"] - out["codec_copy_last"]) / span \
         if span > 0 else None
@@ -113,7 +107,7 @@ def centre_psnr(codec: Any, frames: np.ndarray) -> dict[str, float]:
     rec = roundtrip_frames(codec, frames)
     h, w = frames.shape[1] // 2, frames.shape[2] // 2
     c = (slice(None), slice(h - 8, h + 8), slice(w - 8, w + 8))
-    return {"frames": len(frames), "full": _db(_mse(rec, frames)), "centre16": _db(_mse(rec[c], frames[c]))}
+    return {"frames": len(frames), "full": pooled_psnr(rec, frames), "centre16": pooled_psnr(rec[c], frames[c])}
 
 
 def run(cfg: CodecProbeConfig) -> dict[str, Any]:
