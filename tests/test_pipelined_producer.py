@@ -232,5 +232,12 @@ def test_neural_world_pipelined_matches_its_own_steps(tmp_path: Path) -> None:
         piped = _drive_lockstep(p, 7, acts)
     finally:
         p.close()
-    want = [worlds[1].reset(7)] + [worlds[1].step(a) for a in acts]
+    # The pipeline's stages run one torch thread each (begin_pipeline); GEMMs on 2 threads round
+    # differently, so the reference runs on 1 too, whatever thread count an earlier test left.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = [worlds[1].reset(7)] + [worlds[1].step(a) for a in acts]
+    finally:
+        torch.set_num_threads(before)
     assert all(np.array_equal(a, b) for a, b in zip(piped, want))
