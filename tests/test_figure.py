@@ -51,3 +51,24 @@ def test_figure_held_action_scripts_and_codec_row(tmp_path: Path, capsys: pytest
     for bad in ("actions=[jump]", "actions=[]"):
         assert main([f"checkpoint={ck}", f"out={out}", bad]) == 2
         assert "error: figure:" in capsys.readouterr().err
+
+
+def test_figure_leaves_the_callers_thread_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an in-process caller (this test suite) keeps its torch thread count, on success and on
+    # bad input alike: a leaked count once broke a later bit-exact test
+    import torch
+
+    ck = _save(tmp_path / "ck")
+    out = tmp_path / "fig.png"
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        ok = [f"checkpoint={ck}", f"out={out}", "seeds=[100000]", "frames=[0,1]", "scale=1", "threads=1",
+              "sampler.steps=2"]
+        assert main(ok) == 0
+        assert torch.get_num_threads() == 3
+        assert main(ok[:-2] + ["threads=2", "actions=[jump]"]) == 2
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()

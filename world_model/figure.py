@@ -77,19 +77,31 @@ def make_figure(cfg: FigureConfig) -> dict[str, Any]:
     if not cfg.seeds or not cfg.frames or min(cfg.frames) < 0 or cfg.scale < 1 or not cfg.actions:
         raise ConfigError("figure: seeds, frames and actions must be non-empty, frames >= 0, scale >= 1")
     import torch
+
+    from world_model.neural_world import build_source
+
+    world = build_source({"checkpoint": cfg.checkpoint, "sampler": cfg.sampler, "device": "cpu"})
+    for script in cfg.actions:
+        held_action(script, world)                                          # bad scripts fail first
+    # The thread count is the caller's again afterwards (an in-process caller, e.g. a test
+    # suite, must not inherit it); set it only once the inputs are known to be valid.
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _draw(cfg, world)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _draw(cfg: FigureConfig, world: Any) -> dict[str, Any]:
     from PIL import Image
 
     from world_model.eval_streams import roundtrip_frames
-    from world_model.neural_world import build_source
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    world = build_source({"checkpoint": cfg.checkpoint, "sampler": cfg.sampler, "device": "cpu"})
     frames = sorted(set(cfg.frames))
     gap = 2 * cfg.scale
     rows: list[np.ndarray] = []
-    for script in cfg.actions:
-        held_action(script, world)                                          # bad scripts fail first
     for seed in cfg.seeds:
         for script in cfg.actions:
             real, dream = dream_and_real(world, seed, frames, script)
