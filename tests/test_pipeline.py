@@ -36,6 +36,20 @@ def test_plan_chains_each_stage_into_the_next(tmp_path: Path) -> None:
     assert cfg.train_sessions < cfg.heldout_seed0
 
 
+def test_without_distill_the_teacher_is_the_only_candidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    import world_model.pipeline as pl
+
+    cfg = load_config([f"out={tmp_path}", "preset=tiny", "distill=false"])
+    select = " ".join(stage_commands(cfg)["select"])
+    assert f"candidates=[{tmp_path / 'teacher' / 'checkpoint'}]" in select
+    monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps"))
+    cfg.only = ["codec", "teacher", "distill", "select"]
+    assert pl.run(cfg)["minutes"].keys() == {"codec", "teacher", "select"}
+    assert not (tmp_path / "stages" / "distill.json").exists()
+    assert "| distill | - | skipped" in pl.model_card(tmp_path, {})
+
+
 @pytest.mark.parametrize("arg, needle", [("preset=nope", "unknown pipeline preset"),
                                          ("stages.bogus.x=1", "unknown stage 'bogus'"),
                                          ("frames=abc", "frames")])

@@ -56,6 +56,11 @@ class PipelineConfig:
     # extra key=value arguments of each stage's command, e.g. {"codec": {"max_minutes": 30}}
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     only: Optional[list[str]] = None   # run just these stages (their inputs must exist)
+    # False: no student; the selection weighs only the teacher (at its history noises). A short
+    # DMD run here has left the student worse than its teacher every time (docs/training.md),
+    # so an experiment on the teacher can spend those ~70 minutes elsewhere. Switching it on a
+    # run whose selection is done does not redo the selection.
+    distill: bool = True
 
 
 def load_config(argv: list[str]) -> PipelineConfig:
@@ -90,6 +95,7 @@ def stage_commands(cfg: PipelineConfig) -> dict[str, list[str]]:
     py = [sys.executable, "-m"]
     train_preset = ["preset=tiny"] if cfg.preset == "tiny" else []
     extra = {k: _args(v) for k, v in cfg.stages.items()}
+    candidates = [out / "teacher" / "checkpoint"] + ([out / "distill" / "checkpoint"] if cfg.distill else [])
     data = ["engine.datagen", f"frames={cfg.frames}", f"workers={cfg.workers}"]
     return {
         "data_train": py + data + [f"out={out / 'data' / 'train'}", f"sessions={cfg.train_sessions}",
@@ -106,7 +112,7 @@ def stage_commands(cfg: PipelineConfig) -> dict[str, list[str]]:
                          f"stage.latent_cache={out / 'teacher' / 'cache'}"]  # same data and codec
                    + train_preset + extra.get("distill", []),
         "select": py + ["world_model.selection",
-                        f"candidates=[{out / 'teacher' / 'checkpoint'},{out / 'distill' / 'checkpoint'}]",
+                        f"candidates=[{','.join(map(str, candidates))}]",
                         f"out={out / 'select'}", f"dst={out / 'selected'}", f"heldout={out / 'data' / 'heldout'}",
                         f"heldout_seed0={cfg.heldout_seed0}"] + extra.get("select", []),
         "evaluate": py + ["world_model.evaluate", f"checkpoint={out / 'selected'}",
@@ -132,6 +138,9 @@ def model_card(out: Path, done: dict[str, dict[str, Any]]) -> str:
              "classic maze (explorer sessions); evaluated on held-out worlds (seeds never trained on).", "",
              "| stage | wall minutes (all runs) | summary |", "|---|---|---|"]
     for name in ORDER[:-1]:
+        if name not in done and name == "distill":
+            lines.append("| distill | - | skipped (`distill=false`): the teacher is the candidate |")
+            continue
         s = done.get(name, {})
         summ = s.get("summary", {})
         keep = {k: summ[k] for k in ("sessions", "frames", "steps", "train_minutes_total", "val", "selected",
@@ -183,7 +192,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if mark.is_file():
             done[name] = json.loads(mark.read_text())
             continue
-        if cfg.only is not None and name not in cfg.only:
+        if (cfg.only is not None and name not in cfg.only) or (name == "distill" and not cfg.distill):
             continue
         # this stage runs (again): whatever later stages made from its old output is stale
         for later in ORDER[ORDER.index(name) + 1:]:
