@@ -39,6 +39,12 @@ def test_figure_held_action_scripts_and_codec_row(tmp_path: Path, capsys: pytest
     assert main(args) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["actions"] == ["noop", "turn_right"] and info["codec_row"] is True
+    table = info["psnr_db"]
+    assert set(table) == {"noop", "turn_right"} and all(len(v) == 2 for r in table.values() for v in r.values())
+    # frame 0 is the real frame in every row; standing still, the held first frame is exact,
+    # turning, it is not
+    assert table["noop"]["dream"][0] == table["noop"]["frozen"][0] == table["noop"]["frozen"][1] == 99.0
+    assert table["turn_right"]["frozen"][1] < 99.0 and table["turn_right"]["dream"][1] < 99.0
     img = np.asarray(Image.open(out)).astype(int)
     # one world, two scripts x (real, dream, codec) rows of 64 px, 6 px between the scripts
     assert img.shape == (6 * 64 + 6, 2 * 64 + 2, 3)

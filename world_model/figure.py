@@ -12,7 +12,10 @@ on every step: ``noop``, ``turn_right``, ``forward+turn_left``, ... (the schema'
 names joined by ``+``). That isolates one motion: it showed that the dream holds a
 standing view and a straight walk far longer than a turn (docs/evaluation.md).
 ``codec_row=true`` adds a row under each pair: the real frames through the codec's
-round trip, the best any dream decoded by this codec can show.
+round trip, the best any dream decoded by this codec can show. The JSON line carries, per
+script, the PSNR of every figure frame against the classic game (MSE pooled over the seeds),
+for the dream and for the first frame held still (``psnr_db``: a dream that does not follow
+the motion scores no better than that).
 The sampler is the checkpoint's default (``sampler.*`` keys override it).
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from controllers.explorer import ExplorerController
 from engine.actions import Action
 from engine.cli import json_main, parse_kv_args
 from engine.config import ConfigError
+from world_model.eval_metrics import frame_mse, pooled_psnr_of_mse
 from world_model.eval_probes import explorer_for
 
 
@@ -102,9 +106,14 @@ def _draw(cfg: FigureConfig, world: Any) -> dict[str, Any]:
     frames = sorted(set(cfg.frames))
     gap = 2 * cfg.scale
     rows: list[np.ndarray] = []
+    # per-frame MSE against the classic game, per script: (seeds, len(frames)) each
+    mse: dict[str, dict[str, list[np.ndarray]]] = {a: {"dream": [], "frozen": []} for a in cfg.actions}
     for seed in cfg.seeds:
         for script in cfg.actions:
             real, dream = dream_and_real(world, seed, frames, script)
+            mse[script]["dream"].append(frame_mse(dream, real))
+            # a picture that never moves: the real frame the stream starts from, held
+            mse[script]["frozen"].append(frame_mse(np.broadcast_to(real[:1], real.shape), real))
             strips = [real, dream] + ([roundtrip_frames(world.codec, real)] if cfg.codec_row else [])
             for strip in strips:                                            # real, dream (, codec)
                 big = strip.repeat(cfg.scale, axis=1).repeat(cfg.scale, axis=2)  # (n, H*s, W*s, 3)
@@ -117,7 +126,18 @@ def _draw(cfg: FigureConfig, world: Any) -> dict[str, Any]:
     about = world.describe()
     return {"out": str(out), "checkpoint": about["checkpoint_id"], "seeds": cfg.seeds,
             "frames": frames, "actions": cfg.actions, "codec_row": cfg.codec_row,
-            "sampler": about["sampler"]}
+            "sampler": about["sampler"], "psnr_db": psnr_table(mse)}
+
+
+def psnr_table(mse: dict[str, dict[str, list[np.ndarray]]]) -> dict[str, dict[str, list[float]]]:
+    """Per script and row, the PSNR (dB) of each figure frame, its MSE pooled over the seeds.
+
+    ``dream`` against ``frozen`` says whether the dream follows the motion at all: a dream
+    that keeps the first picture scores ``frozen`` (or less, if it blurs it).
+    """
+    return {script: {row: [round(pooled_psnr_of_mse(col), 2) for col in np.stack(per_seed).T]
+                     for row, per_seed in rows.items()}
+            for script, rows in mse.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
