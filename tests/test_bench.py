@@ -82,10 +82,24 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
         assert v["fps_generated"] > 0 and v["mfu_frame"] > 0 and len(v["block_fps"]) == 2
         assert set(v["interval_ms"]) == set(v["submit_to_frame_ms"]) == {"p50", "p95", "p99"}
     assert pr["pipelined_over_sequential_fps"] > 0 and pr["sampler"]["steps"] == 3
-    assert torch.get_num_threads() == 1                # restored after the pipelined blocks
     text = out.read_text()
     assert "| pipelined |" in text and "| sequential |" in text
     assert "| rolling |" in text and "| teacher_nofold |" in text and "Classic game floor" in text
+
+
+def test_producer_bench_restores_the_callers_thread_count(tiny_ckpt: Path) -> None:
+    # the pipelined producer lowers torch to 1 thread while open and the bench sets its own
+    # count per block: the caller's count must come back (3: neither the bench's nor conftest's)
+    from world_model.bench_producer import measure_producers
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        res = measure_producers(str(tiny_ckpt), frames=3, warmup=1, blocks=1, threads=2, seed=0,
+                                flops_per_frame=None, peak_gflops=1.0)
+        assert torch.get_num_threads() == 3 and res["torch_threads_sequential"] == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,7 +25,7 @@ def test_default_size_and_shapes() -> None:
 def test_small_config_and_bad_downsample() -> None:
     codec = FrameCodec(CodecConfig(resolution=32, latent_channels=4, downsample=4, base_channels=8))
     assert codec.encode_raw(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 8, 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="downsample 6 must be a power of two"):
         FrameCodec(CodecConfig(downsample=6))
 
 
@@ -51,7 +51,7 @@ def test_frame_conversion_roundtrip() -> None:
     back = tensor_to_frames(t)
     assert back.dtype == np.uint8 and np.array_equal(back, frames)
     assert FrameCodec.tensor_to_frames(torch.full((1, 3, 2, 2), 5.0))[0, 0, 0].tolist() == [255] * 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected uint8 frames"):
         frames_to_tensor(frames.astype(np.float32))
 
 

@@ -32,8 +32,6 @@ def test_parse_args() -> None:
 
 
 def test_datagen_two_workers(tmp_path: Path) -> None:
-    pytest.importorskip("engine.classic_game")
-    pytest.importorskip("controllers.explorer")
     out = tmp_path / "data"
     env = {**os.environ, "SDL_AUDIODRIVER": "dummy"}
     args = [sys.executable, "-m", "engine.datagen", f"out={out}", "sessions=2", "frames=60",
@@ -64,7 +62,6 @@ def test_datagen_two_workers(tmp_path: Path) -> None:
 
 
 def test_datagen_refuses_incomplete_existing_session(tmp_path: Path) -> None:
-    pytest.importorskip("engine.classic_game")
     from engine.datagen import main
 
     assert main([f"out={tmp_path}", "sessions=1", "frames=5", "workers=1"]) == 0

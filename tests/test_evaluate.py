@@ -1,6 +1,8 @@
 """python -m world_model.evaluate: probes, key-press latency, drift summaries, and a quick end-to-end run."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import subprocess
@@ -45,6 +47,24 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---------------------------------------------------------------------------- probes
+def test_probe_cache_reloads_identical_probes_and_misses_on_another_config(tmp_path: Path) -> None:
+    # fast twin of the slow test below (no accuracy, a few steps): the cache is keyed by the config
+    cfg = ProbeConfig(train_seeds=2, frames_per_seed=20, theme_steps=3, idm_steps=3, width=8,
+                      feature_dim=8, batch=8, pool=2)
+    probes = train_probes(cfg, ClassicConfig(), tmp_path)
+    game = ClassicGame()
+    f = game.reset(100000)
+    g = game.step(Action.make(["turn_left"]))
+    prev, cur = np.stack([f, f]), np.stack([g, f])
+    again = train_probes(cfg, ClassicConfig(), tmp_path)
+    assert not probes.info["cached"] and again.info["cached"]
+    np.testing.assert_array_equal(again.action_of(prev, cur), probes.action_of(prev, cur))
+    np.testing.assert_array_equal(again.theme_of(cur), probes.theme_of(cur))
+    np.testing.assert_allclose(again.features(cur), probes.features(cur))
+    other = train_probes(dataclasses.replace(cfg, idm_steps=4), ClassicConfig(), tmp_path)
+    assert not other.info["cached"]
+
+
 @pytest.mark.slow  # ~100 s idle: trains both probes to a meaningful accuracy
 @pytest.mark.timeout(1800)
 def test_probes_beat_chance_on_real_frames_and_are_cached(tmp_path: Path) -> None:
@@ -209,7 +229,9 @@ def test_fd_floor_reference_is_another_path_through_the_streamed_worlds() -> Non
 def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.datagen import record_explorer_session
 
-    record_explorer_session(tmp_path / "heldout", 100000, 40)   # 100001 is not recorded: regenerated
+    # 120 frames: the explorer first turns at frame 88 here (an onset for the onsets section);
+    # 100001 is not recorded: regenerated, 40 frames (quick)
+    record_explorer_session(tmp_path / "heldout", 100000, 120)
     out = tmp_path / "eval"
     cfg = load_config([f"checkpoint={tiny_ckpt}", f"out={out}", f"heldout={tmp_path / 'heldout'}",
                        "seeds=[100000,100001]", "quick=true", "threads=1", "latency.horizon=5",
@@ -263,7 +285,7 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     md = (out / "eval.md").read_text()
     assert "## Teacher-forced next frame" in md and "| copy-last |" in md and "ΔDrift" in md
     assert saved["onsets"]["horizon"] == 2 and "## Response to a turn" in md     # quick: 2 frames per onset
-    assert set(saved["onsets"]["configs"]) == (set(names) if saved["onsets"]["positions"] else set())
+    assert saved["onsets"]["positions"] > 0 and set(saved["onsets"]["configs"]) == set(names)
     assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
     assert "not streamed twice" in md and "rolling_ctx0 = rolling" in md
     assert md.count("| codec (real frames encoded + decoded) |") == 3 and "through the codec" in md

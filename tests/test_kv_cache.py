@@ -69,10 +69,10 @@ def test_no_sink_and_no_rolling() -> None:
 
 def test_rejects_mismatched_frames() -> None:
     c = KVCache(DEPTH + 1, 1, 2, T)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="layers"):
         c.append(frames(0))
     c = KVCache(DEPTH, 1, 2, T + 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tokens"):
         c.append(frames(0))
 
 

@@ -44,10 +44,16 @@ def test_without_distill_the_teacher_is_the_only_candidate(tmp_path: Path, monke
     select = " ".join(stage_commands(cfg)["select"])
     assert f"candidates=[{tmp_path / 'teacher' / 'checkpoint'}]" in select
     monkeypatch.setattr(pl, "stage_commands", fake_commands("max_steps"))
-    cfg.only = ["codec", "teacher", "distill", "select"]
-    assert pl.run(cfg)["minutes"].keys() == {"codec", "teacher", "select"}
+    cfg.only = ["codec", "teacher", "distill", "select", "export"]
+    (tmp_path / "selected").mkdir()                                   # what the selection stage exports
+    (tmp_path / "selected" / "config.json").write_text("{}")
+    summary = pl.run(cfg)
+    assert summary["minutes"].keys() == {"codec", "teacher", "select", "export"}
     assert not (tmp_path / "stages" / "distill.json").exists()
-    assert "| distill | - | skipped" in pl.model_card(tmp_path, {})
+    # export: the selected checkpoint copied with a model card that says the student was left out
+    assert (tmp_path / "export" / "config.json").is_file() and summary["checkpoint"] == str(tmp_path / "export")
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert "| distill | - | skipped" in card and "| teacher |" in card
 
 
 @pytest.mark.parametrize("arg, needle", [("preset=nope", "unknown pipeline preset"),

@@ -203,8 +203,12 @@ def test_neural_world_stages_equal_its_step_and_restore_torch_threads(tmp_path: 
     assert worlds[0].pipelined and not worlds[1].pipelined
     worlds[0].reset(5)
     worlds[1].reset(5)
-    staged = [worlds[0].render(worlds[0].step_latent(a)) for a in acts]
+    # every model step runs before any render (the pipeline keeps one step ahead of the render
+    # thread; all of them ahead is stricter): a latent the sampler later overwrote would show
+    latents = [worlds[0].step_latent(a) for a in acts]
+    staged = [worlds[0].render(z) for z in latents]
     whole = [worlds[1].step(a) for a in acts]
+    assert len({f.tobytes() for f in whole}) > 1               # the frames differ from step to step
     assert all(np.array_equal(a, b) for a, b in zip(staged, whole))
     before = torch.get_num_threads()
     torch.set_num_threads(2)

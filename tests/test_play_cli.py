@@ -27,8 +27,6 @@ def json_line(proc: subprocess.CompletedProcess) -> dict:
 
 
 def test_headless_record_then_replay_is_bit_exact(tmp_path: Path) -> None:
-    pytest.importorskip("engine.classic_game")
-    pytest.importorskip("controllers.explorer")
     out = json_line(play(["source=classic", "headless=true", "max_frames=60", "controller=explorer",
                           "record=true", f"record_dir={tmp_path / 'sessions'}", "seed=7"], tmp_path))
     for key in ("frames", "fps", "frame_ms_p50", "frame_ms_p95", "late_frames", "session", "source", "seed"):

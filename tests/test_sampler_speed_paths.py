@@ -164,8 +164,8 @@ def test_packed_linears_follow_the_weights() -> None:
         torch.testing.assert_close(m(x, t, u, past=past, mask=mask), want, atol=1e-5, rtol=1e-5)
         twin = copy.deepcopy(m)                                              # packed copies are not copied
         torch.testing.assert_close(twin(x, t, u, past=past, mask=mask), want, atol=1e-5, rtol=1e-5)
-        assert not m.pack_linears(False)
-        assert torch.equal(m(x, t, u, past=past, mask=mask), m.forward(x, t, u, past=past, mask=mask))
+        assert not m.pack_linears(False)                                      # unpacked: the plain path again
+        torch.testing.assert_close(m(x, t, u, past=past, mask=mask), want, atol=2e-6, rtol=0)
     assert m.pack_linears()
     out = m(x, t, u, past=past, mask=mask)                                   # grad on: the plain path
     assert out.grad_fn is not None and torch.equal(out, _reference_forward(m, x, t, u, past, mask))

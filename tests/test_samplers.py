@@ -283,8 +283,8 @@ def test_late_binding(model: WorldDiT) -> None:
 def test_factory_and_config_errors(model: WorldDiT) -> None:
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler(model, SamplerConfig(name="nope"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="renoise"):
         make_sampler(model, SamplerConfig(renoise="sde"))
     s = make_sampler(model, SamplerConfig())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="before start"):
         s.step(torch.zeros(4))

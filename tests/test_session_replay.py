@@ -168,8 +168,8 @@ def test_replay_refuses_non_classic_source(session: Path) -> None:
 
 def test_classic_replay_is_bit_exact(tmp_path: Path) -> None:
     """An explorer-driven classic session, replayed from its actions, reproduces every frame."""
-    classic = pytest.importorskip("engine.classic_game")
-    explorer = pytest.importorskip("controllers.explorer")
+    import controllers.explorer as explorer
+    import engine.classic_game as classic
     from engine.datagen import record_explorer_session
 
     path = record_explorer_session(tmp_path, seed=11, frames=150,
