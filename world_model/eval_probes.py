@@ -50,10 +50,10 @@ STILL_DIFF = 0.5        # mean |pixel diff| under which a real frame pair shows 
 
 @dataclass
 class ProbeConfig:
-    train_seeds: int = 40          # rollouts on seeds 0..train_seeds-1 (all < 200)
+    train_seeds: int = 60          # rollouts on seeds 0..train_seeds-1 (all < 200); as conf/evaluate.yaml
     frames_per_seed: int = 300
-    theme_steps: int = 250         # AdamW steps (batch ``batch``)
-    idm_steps: int = 700
+    theme_steps: int = 400         # AdamW steps (batch ``batch``)
+    idm_steps: int = 1500
     batch: int = 64
     lr: float = 2e-3
     width: int = 16                # channels of the first conv
