@@ -193,3 +193,27 @@ def _fake_result() -> dict:
 
 def test_matmul_peak_is_positive() -> None:
     assert matmul_peak_gflops(64, 64, 64, min_seconds=0.001, rounds=2) > 0
+
+
+@pytest.mark.parametrize("name,late", [("rolling", True), ("rolling", False), ("causal", True)])
+def test_own_and_full_effect_latency_match_frame_local_streams(name: str, late: bool) -> None:
+    """With attention cut, each frame depends only on its own noise, levels and controls. A control
+    switched at step k and held changes first the frame ``own_control_frames`` later (counting
+    step k's frame as 1), and the first frame equal to a stream under the new control throughout
+    is ``full_effect_frames`` later: the numbers bench reports, measured on streams."""
+    from tests.test_samplers import _controls, _frame_local, stream
+
+    local = _frame_local(awake_model(seed=3))
+    cfg = SamplerConfig(name=name, steps=3, sink_frames=1, cache_frames=2, late_binding=late)
+    k, n = 5, 11
+    old = _controls(n)
+    new = [u + 2.0 for u in old]
+    _, a = stream(local, cfg, controls=old)
+    _, b = stream(local, cfg, controls=old[:k] + new[k:])               # switched at step k
+    _, c = stream(local, cfg, controls=new)                             # new from the start
+    want = bench.control_latency(cfg)
+    torch.testing.assert_close(a[:k], b[:k], atol=0, rtol=0)
+    differs = [j for j in range(k, n) if (a[j] - b[j]).abs().max() > 1e-4]
+    full = [j for j in range(k, n) if torch.equal(b[j], c[j])]
+    assert differs[0] - k + 1 == want["own_control_frames"]
+    assert full and full[0] - k + 1 == want["full_effect_frames"] and full == list(range(full[0], n))
