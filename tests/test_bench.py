@@ -10,6 +10,7 @@ import torch
 
 from engine.actions import DEFAULT_SCHEMA
 from engine.config import ConfigError
+from tests.conftest import torch_threads
 from world_model import bench, masks
 from world_model.checkpoint import save_checkpoint
 from world_model.codec import CodecConfig, FrameCodec
@@ -92,14 +93,10 @@ def test_producer_bench_restores_the_callers_thread_count(tiny_ckpt: Path) -> No
     # count per block: the caller's count must come back (3: neither the bench's nor conftest's)
     from world_model.bench_producer import measure_producers
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         res = measure_producers(str(tiny_ckpt), frames=3, warmup=1, blocks=1, threads=2, seed=0,
                                 flops_per_frame=None, peak_gflops=1.0)
         assert torch.get_num_threads() == 3 and res["torch_threads_sequential"] == 2
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import torch_threads
 from tests.test_neural_world import _save
 from world_model.figure import main
 
@@ -66,15 +67,11 @@ def test_figure_leaves_the_callers_thread_count(tmp_path: Path, capsys: pytest.C
 
     ck = _save(tmp_path / "ck")
     out = tmp_path / "fig.png"
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         ok = [f"checkpoint={ck}", f"out={out}", "seeds=[100000]", "frames=[0,1]", "scale=1", "threads=1",
               "sampler.steps=2"]
         assert main(ok) == 0
         assert torch.get_num_threads() == 3
         assert main(ok[:-2] + ["threads=2", "actions=[jump]"]) == 2
         assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
     capsys.readouterr()

@@ -15,7 +15,7 @@ from engine.clock import FakeClock
 from engine.loop import GameLoop, LoopConfig
 from engine.producer import PipelinedProducer, SyncProducer, ThreadedProducer, make_producer
 from engine.renderer import NullRenderer
-from tests.conftest import FakeSource
+from tests.conftest import FakeSource, torch_threads
 from tests.test_loop import ListRecorder, Turner
 
 
@@ -210,15 +210,11 @@ def test_neural_world_stages_equal_its_step_and_restore_torch_threads(tmp_path: 
     whole = [worlds[1].step(a) for a in acts]
     assert len({f.tobytes() for f in whole}) > 1               # the frames differ from step to step
     assert all(np.array_equal(a, b) for a, b in zip(staged, whole))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         worlds[0].begin_pipeline()
         assert torch.get_num_threads() == 1                    # one torch thread per stage
         worlds[0].end_pipeline()
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
     with pytest.raises(ValueError, match="pipeline must be auto, on or off"):
         NeuralWorld(NeuralConfig(checkpoint=str(ck), pipeline="sometimes"))
 
@@ -238,10 +234,6 @@ def test_neural_world_pipelined_matches_its_own_steps(tmp_path: Path) -> None:
         p.close()
     # The pipeline's stages run one torch thread each (begin_pipeline); GEMMs on 2 threads round
     # differently, so the reference runs on 1 too, whatever thread count an earlier test left.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         want = [worlds[1].reset(7)] + [worlds[1].step(a) for a in acts]
-    finally:
-        torch.set_num_threads(before)
     assert all(np.array_equal(a, b) for a, b in zip(piped, want))
