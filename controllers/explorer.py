@@ -28,6 +28,11 @@ from engine.actions import DEFAULT_SCHEMA, Action, ActionSchema
 from engine.source import Sensors
 
 QUARTER = math.pi / 2
+# burst actions as (axis, sign); turns twice, as a turn changes every pixel and is what a
+# model most needs to learn to start on command
+BURSTS: tuple[tuple[str, float], ...] = (("turn", 1.0), ("turn", -1.0), ("turn", 1.0), ("turn", -1.0),
+                                         ("move", 1.0), ("move", -1.0), ("strafe", 1.0), ("strafe", -1.0),
+                                         ("idle", 0.0))
 
 
 @dataclass
@@ -50,11 +55,18 @@ class ExplorerConfig:
     walk_speed: float = 0.055         # the game's cells per tick (timing of junction turns)
     run_multiplier: float = 1.8
     stuck_ticks: int = 10             # no progress for this long while moving -> back off and turn
+    # bursts: short random actions that interrupt any segment (which then resumes), so that the
+    # action changes often and at any moment. Without them the action changes every 20-60
+    # ticks and a world model can predict most frames from the motion of the ones before,
+    # never learning to read the action (docs/evaluation.md, "by action").
+    burst_prob: float = 0.0           # per tick; 0 = off (and no random draw: same data as before)
+    burst_min_ticks: int = 2
+    burst_max_ticks: int = 8
 
 
 @dataclass
 class _Segment:
-    kind: str              # walk | run | turn | idle | strafe | back
+    kind: str              # walk | run | turn | idle | strafe | back | burst
     ticks: int             # upper bound on duration
     delta: Optional[float] = 0.0  # turn: angle change, None = choose at start; strafe: side sign
     snap: bool = True      # turn: snap the target to a cardinal direction
@@ -64,6 +76,8 @@ class _Segment:
     target: Optional[float] = None
     heading: Optional[float] = None  # walk: corridor direction to hold
     age: int = 0
+    burst: int = 0         # burst: index into BURSTS
+    started: bool = False  # set up by _next (a segment a burst interrupted is resumed as it was)
 
 
 def _wrap(a: float) -> float:
@@ -78,8 +92,13 @@ class ExplorerController:
 
     def __init__(self, cfg: Optional[ExplorerConfig] = None, schema: ActionSchema = DEFAULT_SCHEMA) -> None:
         self.cfg = cfg or ExplorerConfig()
-        if not 0.0 <= self.cfg.analog_share <= 1.0:
-            raise ValueError(f"explorer analog_share must be in [0, 1], got {self.cfg.analog_share}")
+        c = self.cfg
+        if not 0.0 <= c.analog_share <= 1.0 or not 0.0 <= c.burst_prob <= 1.0:
+            raise ValueError(f"explorer analog_share and burst_prob must be in [0, 1], got {c.analog_share}, "
+                             f"{c.burst_prob}")
+        if not 1 <= c.burst_min_ticks <= c.burst_max_ticks:
+            raise ValueError(f"explorer needs 1 <= burst_min_ticks <= burst_max_ticks, got {c.burst_min_ticks}, "
+                             f"{c.burst_max_ticks}")
         self.schema = schema
         self.reset(0)
 
@@ -109,6 +128,9 @@ class ExplorerController:
         self.trail.append(s.position)
         if self.seg is None or self.seg.age >= self.seg.ticks or self._done(self.seg, s):
             self.seg = self._next(s)
+        elif self.seg.kind != "burst" and self.cfg.burst_prob > 0 and self.rng.random() < self.cfg.burst_prob:
+            self.queue.insert(0, self.seg)          # resumed (same age and target) after the burst
+            self.seg = self._burst_seg()
         a = self._emit(self.seg, s)
         self.seg.age += 1
         return a
@@ -166,6 +188,11 @@ class ExplorerController:
         prev = self.seg.kind if self.seg is not None else ""
         self.pending = None
         self.side_open = (s.left > 1.6, s.right > 1.6)
+        resumed = self.queue[0] if prev == "burst" and self.queue else None
+        if resumed is not None and resumed.kind in ("walk", "run") and resumed.heading is not None:
+            off = _wrap(resumed.heading - s.angle)
+            if abs(off) > math.radians(8):   # a turn burst left the corridor's direction: turn back first
+                self.queue.insert(0, self._turn_seg(off))
         if not self.queue:
             r = rng.random()
             if s.front < 0.9:  # wall ahead: maybe pause, maybe back up, then turn away
@@ -184,6 +211,9 @@ class ExplorerController:
             else:
                 self.queue.append(self._walk_seg(s))
         seg = self.queue.pop(0)
+        if seg.started:            # resumed after a burst: keeps its target and heading
+            return seg
+        seg.started = True
         if seg.kind == "turn":
             if seg.delta is None:  # decided now, from where we stand after backing up
                 seg.delta = self._pick_turn(s)
@@ -207,6 +237,12 @@ class ExplorerController:
 
     def _turn_seg(self, delta: Optional[float], snap: bool = True) -> _Segment:
         return _Segment("turn", 120, delta=delta, snap=snap, amp=self.rng.uniform(0.6, 1.0))
+
+    def _burst_seg(self) -> _Segment:
+        """A few ticks of one action of BURSTS, drawn uniformly."""
+        which = int(self.rng.integers(len(BURSTS)))
+        ticks = int(self.rng.integers(self.cfg.burst_min_ticks, self.cfg.burst_max_ticks + 1))
+        return _Segment("burst", ticks, burst=which, amp=self.rng.uniform(0.5, 1.0))
 
     def _queue_look(self) -> None:
         """Stop for a moment; sometimes glance to one side and back."""
@@ -257,6 +293,15 @@ class ExplorerController:
             if analog:
                 return Action.make([], self.schema, strafe=seg.delta * seg.amp * ramp)
             return Action.make(["strafe_right" if seg.delta > 0 else "strafe_left"], self.schema)
+        if seg.kind == "burst":
+            axis, sign = BURSTS[seg.burst]
+            if axis == "idle":
+                return self.schema.noop()
+            if analog:
+                return Action.make([], self.schema, **{axis: sign * seg.amp})
+            button = {("move", 1.0): "forward", ("move", -1.0): "back", ("strafe", 1.0): "strafe_right",
+                      ("strafe", -1.0): "strafe_left", ("turn", 1.0): "turn_right", ("turn", -1.0): "turn_left"}
+            return Action.make([button[axis, sign]], self.schema)
         if seg.kind == "back":
             if analog:
                 return Action.make([], self.schema, move=-seg.amp * ramp)

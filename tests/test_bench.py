@@ -49,9 +49,13 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
     out = tmp_path / "bench.md"
     rc = bench.main([f"checkpoint={tiny_ckpt}", "frames=10", "warmup=2", "teacher_frames=3", "threads=1",
                      "sampler.teacher_steps=3", "peak_seconds=0.002", f"out={out}", "append=true",
-                     "producer_frames=6", "producer_blocks=2"])
+                     "producer_frames=6", "producer_blocks=2", "rebind=[2]"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)          # ONE JSON object on stdout
+    # rebind: 2 more forwards on a tick whose control changed; of the 10 timed ticks (2-11) the
+    # key script changes it on one (tick 10 presses turn right)
+    rb = res["samplers"].pop("rolling_rebind2")
+    assert rb["forwards_per_frame"] == 1.2 and rb["input_to_photon"]["full_effect_frames"] == 1
     for key in ("machine", "accel", "model", "renderer", "peak_gflops", "classic", "samplers", "fold_rerun",
                 "memory", "frames", "warmup"):
         assert key in res, key
@@ -186,6 +190,27 @@ def _fake_result() -> dict:
             "renderer": "r", "peak_gflops": {"used": 1}, "frames": 1, "warmup": 0, "samplers": {},
             "classic": {"game_ms": {"p50": 1}, "latency_ms": {"p50": 1}},
             "memory": {"peak_rss_mb": 1, "growth_mb": 0}, "fold_rerun": {}}
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_rebind_full_effect_latency_matches_frame_local_streams(r: int) -> None:
+    """With rebind r, frame ``full_effect_frames`` = W - r after a switch is raised to pure noise
+    and denoised under the new control only: with attention cut it no longer depends on the
+    control before the switch (two streams whose earlier controls differ, by less than a change,
+    agree exactly from that frame on, and not one frame before)."""
+    from tests.test_samplers import _context, _frame_local, stream
+
+    local = _frame_local(awake_model(seed=3))
+    cfg = SamplerConfig(name="rolling", steps=3, sink_frames=1, cache_frames=2, rebind=r)
+    k, n = 5, 11
+    base = _context()[1][-1]                                            # the warm-up's control: no change
+    new = [base + 2.0] * (n - k)
+    _, a = stream(local, cfg, controls=[base] * k + new)
+    _, b = stream(local, cfg, controls=[base + 0.2] * k + new)          # 0.2 < rebind_min_change
+    j = k + bench.control_latency(cfg)["full_effect_frames"] - 1
+    assert bench.control_latency(cfg)["full_effect_frames"] == 3 - r
+    assert (a[j - 1] - b[j - 1]).abs().max() > 1e-4
+    torch.testing.assert_close(a[j:], b[j:], atol=0, rtol=0)
 
 
 def test_matmul_peak_is_positive() -> None:

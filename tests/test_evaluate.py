@@ -225,6 +225,26 @@ def test_fd_floor_reference_is_another_path_through_the_streamed_worlds() -> Non
 
 
 # ---------------------------------------------------------------------------- end to end
+def test_teacher_forced_split_by_action_pools_each_group() -> None:
+    from world_model.eval_streams import action_groups, by_action_group
+
+    groups = np.array(["turn", "turn", "still", "move"])
+    dream, copy, ceiling = np.array([10.0, 30.0, 5.0, 50.0]), np.array([40.0, 40.0, 5.0, 40.0]), np.array([0.0, 0.0, 5.0, 0.0])
+    split = by_action_group(groups, dream, copy, ceiling)
+    assert set(split) == {"still", "move", "turn"} and split["turn"]["positions"] == 2
+    turn = split["turn"]                                       # MSE 20 against copy-last's 40: half the way
+    assert turn["gain_over_copy_last_db_pooled"] == pytest.approx(10 * np.log10(2.0))
+    assert turn["share_of_reachable"] == pytest.approx(0.5)
+    assert split["move"]["share_of_reachable"] == pytest.approx(-0.25)     # worse than copying
+    assert np.isnan(split["still"]["share_of_reachable"])          # copy-last already at the ceiling
+    assert set(by_action_group(groups[:2], dream[:2], copy[:2], ceiling[:2])) == {"turn"}
+    # a new action is its own group: idle -> turn right is new, turn right held is not, nor is left -> right
+    idle, right, left, fwd = [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, -1, 0], [1, 0, 0, 0]
+    now = np.array([right, right, left, fwd, idle], np.float32)
+    before = np.array([idle, right, right, fwd, fwd], np.float32)
+    assert list(action_groups(now, before)) == ["turn (new)", "turn", "turn (new)", "move", "still (new)"]
+
+
 def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.datagen import record_explorer_session
 
@@ -268,6 +288,8 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     for v in (tf["copy_last"], tf["codec_ceiling"], *tf["configs"].values()):
         assert v["psnr_pooled"] <= v["psnr"] + 1e-9
     c = tf["configs"]["causal"]
+    assert sum(g["positions"] for g in c["by_action"].values()) == tf["positions"]
+    assert "share of reachable" in (out / "eval.md").read_text()
     assert c["gain_over_copy_last_db_pooled"] == pytest.approx(c["psnr_pooled"] - tf["copy_last"]["psnr_pooled"])
     ro = saved["rollout"]
     assert set(ro["configs"]["causal"]["psnr"]) == set(ro["configs"]["causal"]["psnr_pooled"]) == {"1", "4", "8"}

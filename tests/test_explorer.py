@@ -11,9 +11,10 @@ from engine.actions import Action
 from engine.classic_game import ClassicConfig, ClassicGame
 
 
-def play(seed: int, ticks: int, size: int = 32) -> tuple[list[Action], set[tuple[int, int]]]:
+def play(seed: int, ticks: int, size: int = 32, cfg: ExplorerConfig | None = None
+         ) -> tuple[list[Action], set[tuple[int, int]]]:
     """Run the explorer in a ClassicGame (small frames: the dynamics do not depend on resolution)."""
-    game, ctrl = ClassicGame(ClassicConfig(width=size, height=size)), ExplorerController()
+    game, ctrl = ClassicGame(ClassicConfig(width=size, height=size)), ExplorerController(cfg)
     game.reset(seed)
     ctrl.reset(seed)
     actions, cells = [], set()
@@ -82,6 +83,33 @@ def test_explorer_without_sensors_wanders_open_loop() -> None:
 def test_explorer_config_rejects_bad_share() -> None:
     with pytest.raises(ValueError, match="analog_share"):
         ExplorerController(ExplorerConfig(analog_share=1.5))
+    with pytest.raises(ValueError, match="burst_prob"):
+        ExplorerController(ExplorerConfig(burst_prob=-0.1))
+    with pytest.raises(ValueError, match="burst_min_ticks"):
+        ExplorerController(ExplorerConfig(burst_min_ticks=5, burst_max_ticks=3))
+
+
+def test_explorer_bursts_change_the_action_often_and_still_explore() -> None:
+    from world_model.eval_probes import action_class
+    from world_model.eval_streams import action_groups
+
+    def onsets(actions: list[Action]) -> dict[str, int]:
+        c = np.stack([a.controls() for a in actions])
+        groups = action_groups(c[1:], c[:-1])
+        return {g: int((groups == g).sum()) for g in ("turn (new)", "move (new)", "still (new)")}
+
+    plain, plain_cells = play(2, 3000)
+    bursty, cells = play(2, 3000, cfg=ExplorerConfig(burst_prob=0.06))
+    before, after = onsets(plain), onsets(bursty)
+    assert after["turn (new)"] >= 2.5 * before["turn (new)"], (before, after)
+    assert after["still (new)"] > before["still (new)"] and sum(after.values()) >= 2 * sum(before.values())
+    # interrupted segments resume where they were: it still travels, and a resumed turn does not
+    # aim again from where the burst left it (which overshot to the next quarter: 52% turning)
+    assert len(cells) >= 0.6 * len(plain_cells), (len(cells), len(plain_cells))
+    turning = lambda acts: np.isin(action_class(np.stack([a.controls() for a in acts])), (3, 4)).mean()
+    assert turning(bursty) <= turning(plain) + 0.08, (turning(bursty), turning(plain))
+    analog_turns = {round(a.axes["turn"], 3) for a in bursty if "turn" in a.axes and not a.axes.get("move")}
+    assert len(analog_turns) > 5                         # analog bursts at drawn amplitudes, not one value
 
 
 def test_random_controller_holds_actions_deterministically() -> None:

@@ -41,6 +41,7 @@ CASES = [
     SamplerConfig(name="causal", steps=2, action_guidance=2.0),
     SamplerConfig(name="rolling", steps=3, substeps=3, renoise="ode", context_t=0.1),
     SamplerConfig(name="rolling", steps=2, substeps=2, sink_frames=2, cache_frames=2),
+    SamplerConfig(name="rolling", steps=4, rebind=3, rebind_min_change=0.0, context_t=0.1),
 ]
 
 
@@ -208,8 +209,10 @@ class PointMass(WorldDiT):
 @pytest.mark.parametrize("cfg", [SamplerConfig(name="rolling", steps=3), SamplerConfig(name="rolling", renoise="ode"),
                                  SamplerConfig(name="causal", steps=2), SamplerConfig(name="teacher", teacher_steps=8),
                                  SamplerConfig(name="rolling", steps=3, substeps=2, renoise="ode"),
-                                 SamplerConfig(name="rolling", steps=2, substeps=3)],
-                         ids=["rolling-fresh", "rolling-ode", "causal", "teacher", "rolling-sub-ode", "rolling-sub"])
+                                 SamplerConfig(name="rolling", steps=2, substeps=3),
+                                 SamplerConfig(name="rolling", steps=4, rebind=2, rebind_min_change=0.0)],
+                         ids=["rolling-fresh", "rolling-ode", "causal", "teacher", "rolling-sub-ode", "rolling-sub",
+                              "rolling-rebind"])
 def test_exact_velocity_field_gives_the_data(cfg: SamplerConfig) -> None:
     """Schedule conventions end to end: with the ideal model every sampler emits x* exactly."""
     base = tiny_model(depth=1)
@@ -278,6 +281,56 @@ def test_late_binding(model: WorldDiT) -> None:
         last = seen[-1]                                                         # the forward of step k
         assert torch.equal(last[-1], us[k])                                     # newest frame: newest control
         assert torch.equal(last[0], us[k] if late else us[k - W + 1])           # front frame
+
+
+def test_rebind_gives_a_new_control_the_whole_window(model: WorldDiT) -> None:
+    """On a control change, rebind re-denoises the window under it: the emitted frame depends on
+    the new control through every level, not only the last (late binding); r more forwards on
+    that tick, none on the others; constant controls stream exactly as without it."""
+    W, k = 4, 7
+    local = _frame_local(model)
+    base = [_context()[1][-1]] * 12                              # = the warm-up's control: no change
+    turn = base[:k] + [base[k] + 1.0] * (12 - k)                 # changes once, at step k
+    other = base[:k] + [base[k] - 1.0] * (12 - k)
+    late = SamplerConfig(name="rolling", steps=W)
+    rebind = dataclasses.replace(late, rebind=W - 1)
+    torch.testing.assert_close(stream(local, late, controls=base)[1], stream(local, rebind, controls=base)[1],
+                               atol=0, rtol=0)
+    effect = {}
+    for cfg in (late, rebind):
+        (s, a), (_, b) = stream(local, cfg, controls=turn), stream(local, cfg, controls=other)
+        torch.testing.assert_close(a[:k], b[:k], atol=0, rtol=0)             # the past is the past
+        effect[cfg.rebind] = float((a[k] - b[k]).abs().mean())
+    assert effect[W - 1] > 2 * effect[0], effect
+    counts = []
+    for us in (turn, [u + 0.2 for u in base[:k]] + turn[k:]):        # a 0.2 wobble is not a change
+        s = make_sampler(model, rebind)
+        s.start(*_context(), generator=torch.Generator().manual_seed(0))
+        before = []
+        for u in us:
+            before.append(s.history.num_forwards)
+            s.step(u)
+        counts.append([q - p for p, q in zip(before, before[1:] + [s.history.num_forwards])])
+    assert counts[0] == [1] * k + [1 + (W - 1)] + [1] * (11 - k)
+    assert counts[1] == counts[0]                                      # the wobble never rebinds
+    with pytest.raises(ValueError, match="rebind"):
+        SamplerConfig(rebind=-1).validate()
+    with pytest.raises(ValueError, match="late_binding"):
+        SamplerConfig(rebind=2, late_binding=False).validate()
+
+
+def test_raise_level_adds_noise_like_add_noise() -> None:
+    from world_model.schedule import add_noise, raise_level
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 64, generator=g).expand(20000, 64)
+    t, up = torch.tensor(0.3), torch.tensor(0.7)
+    raised = raise_level(add_noise(x0, t, torch.randn(x0.shape, generator=g)), t, up, torch.randn(x0.shape, generator=g))
+    torch.testing.assert_close(raised.mean(0), (1 - up) * x0[0], atol=0.03, rtol=0)   # x0 weight of level up
+    torch.testing.assert_close(raised.std(0), up.expand(64), atol=0.02, rtol=0)      # noise std of level up
+    x = torch.randn(3, 4, generator=g)
+    same = torch.tensor([[0.5], [1.0], [0.2]])
+    assert torch.equal(raise_level(x, same, same, torch.randn(3, 4, generator=g)), x)  # also at t = 1
 
 
 def test_factory_and_config_errors(model: WorldDiT) -> None:

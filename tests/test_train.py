@@ -264,6 +264,7 @@ def test_frame_stacking_warm_start_and_training(data: Path, codec_ckpt: Path, tm
     import dataclasses
 
     from world_model.samplers import SamplerConfig, make_sampler
+    from world_model.data import weights_key
     from world_model.train_teacher import warm_start
 
     task, loop = build_teacher(str(data), str(codec_ckpt), str(tmp_path / "a"), max_steps=3)
@@ -298,12 +299,17 @@ def test_frame_stacking_warm_start_and_training(data: Path, codec_ckpt: Path, tm
     s.start(torch.randn(2, 4, 8, 8), torch.zeros(2, 4), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(torch.stack([s.step(torch.zeros(4)) for _ in range(4)])).all()
     # refused: another model shape, a stacked start for an unstacked run, another codec
+    key = weights_key(task2.codec)
     with pytest.raises(ConfigError, match="model config differs in d_model"):
         warm_start(WorldDiT(dataclasses.replace(stacked, d_model=16, latent_channels=4, latent_res=8)),
-                   old["checkpoint"], DEFAULT_SCHEMA, task2.codec_id)
+                   old["checkpoint"], DEFAULT_SCHEMA, key)
     with pytest.raises(ConfigError, match="uses frame stacking"):
-        warm_start(WorldDiT(old_ck.dit.cfg), summary["checkpoint"], DEFAULT_SCHEMA, task2.codec_id)
-    with pytest.raises(ConfigError, match="trained on codec"):
+        warm_start(WorldDiT(old_ck.dit.cfg), summary["checkpoint"], DEFAULT_SCHEMA, key)
+    with pytest.raises(ConfigError, match="trained on another codec"):
         warm_start(WorldDiT(ck.dit.cfg), old["checkpoint"], DEFAULT_SCHEMA, "another")
     with pytest.raises(CheckpointError, match="codec-only"):
-        warm_start(WorldDiT(ck.dit.cfg), str(codec_ckpt), DEFAULT_SCHEMA, task2.codec_id)
+        warm_start(WorldDiT(ck.dit.cfg), str(codec_ckpt), DEFAULT_SCHEMA, key)
+    # the codec may come from the world checkpoint itself (another checkpoint id, same weights)
+    from_world = load_codec(summary["checkpoint"])
+    assert from_world.id != task2.codec_id
+    assert warm_start(WorldDiT(ck.dit.cfg), old["checkpoint"], DEFAULT_SCHEMA, weights_key(from_world.codec))

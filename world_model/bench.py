@@ -56,6 +56,7 @@ class BenchConfig:
     teacher_frames: int = 60             # the teacher makes teacher_steps forwards a frame; 0 = frames
     threads: int = 2                     # torch intra-op threads; 0 = leave torch's default
     fold_compare: bool = True            # also run every sampler with fold_rerun=False
+    rebind: list[int] = field(default_factory=list)  # also run rolling with each sampler.rebind r
     present: bool = True                 # time texture upload + present (EGL offscreen) when available
     window_scale: int = 8                # offscreen framebuffer = resolution * window_scale
     device: str = "cpu"                  # cpu | cuda | auto
@@ -82,7 +83,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
     check_ranges(cfg, "bench", {"frames": cfg.frames >= 1, "warmup": cfg.warmup >= 0, "threads": cfg.threads >= 0,
                                 "teacher_frames": cfg.teacher_frames >= 0, "scaling_frames": cfg.scaling_frames >= 1,
                                 "producer_frames": cfg.producer_frames >= 2, "producer_blocks": cfg.producer_blocks >= 1,
-                                "device": cfg.device in ("cpu", "cuda", "auto")})
+                                "device": cfg.device in ("cpu", "cuda", "auto"),
+                                "rebind": all(r >= 1 for r in cfg.rebind)})
     to_dataclass(SamplerConfig, cfg.sampler, "bench sampler").validate()
     return cfg
 
@@ -126,7 +128,7 @@ def control_latency(cfg: SamplerConfig) -> dict[str, int]:
     if cfg.name == "rolling":
         W = cfg.steps
         return {"first_effect_frames": 1, "own_control_frames": 1 if cfg.late_binding else W,
-                "full_effect_frames": W}
+                "full_effect_frames": W - min(cfg.rebind, W - 1)}   # rebind r: r levels redone
     return {"first_effect_frames": 1, "own_control_frames": 1, "full_effect_frames": 1}
 
 
@@ -297,6 +299,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 warm = min(cfg.warmup, scfg.sink_frames + scfg.cache_frames + 2) if teacher else cfg.warmup
                 variants.append(Variant(name if fold else f"{name}_nofold", Stream(world, scfg), n, warm,
                                         world, renderer, tracer, cfg.seed))
+        for rb in cfg.rebind if "rolling" in cfg.samplers else []:   # the key script changes the control
+            scfg = resolve_sampler_config(world.sampler_defaults, cfg.sampler, {"name": "rolling", "rebind": rb})
+            variants.append(Variant(f"rolling_rebind{rb}", Stream(world, scfg), cfg.frames, cfg.warmup,
+                                    world, renderer, tracer, cfg.seed))   # on ~12% of ticks: p95 shows it
         variants.append(Variant("classic", None, cfg.frames, cfg.warmup, world, renderer, tracer, cfg.seed))
         try:
             for v in variants:

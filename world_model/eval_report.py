@@ -42,7 +42,19 @@ def _tf_section(tf: dict[str, Any]) -> list[str]:
              (f"{tf['positions']} positions. PSNR: mean of per-frame PSNR and pooled (of the MSE over all "
               "frames, as training validation); gains over copy-last in both."), ""]
             + _table(["", "PSNR mean dB", "PSNR pooled dB", "SSIM", "gain over copy-last mean dB",
-                      "gain over copy-last pooled dB"], rows))
+                      "gain over copy-last pooled dB"], rows) + _tf_by_action(tf))
+
+
+def _tf_by_action(tf: dict[str, Any]) -> list[str]:
+    rows = [[n, g, a["positions"], a["psnr_pooled"], a["copy_last_pooled"], a["codec_ceiling_pooled"],
+             a["gain_over_copy_last_db_pooled"], a["share_of_reachable"]]
+            for n, v in tf["configs"].items() for g, a in (v.get("by_action") or {}).items()]
+    if not rows:
+        return []
+    return (["By the action of the predicted frame (pooled PSNR). Share of reachable: the part of "
+             "copy-last's error above the codec's that the dream removes (0 = no better than copying).", ""]
+            + _table(["config", "action", "positions", "dream dB", "copy-last dB", "codec ceiling dB",
+                      "gain dB", "share of reachable"], rows))
 
 
 def _rollout_section(ro: dict[str, Any]) -> list[str]:

@@ -93,6 +93,46 @@ def _pair(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"psnr": float(psnr(a, b).mean()), "psnr_pooled": pooled_psnr(a, b), "ssim": float(ssim(a, b).mean())}
 
 
+# action groups of the teacher-forced split: a turn moves every pixel, a step mostly the middle
+ACTION_GROUPS: dict[str, tuple[int, ...]] = {"still": (0,), "move": (1, 2, 5, 6), "turn": (3, 4)}
+GROUP_ORDER: tuple[str, ...] = tuple(n for g in ACTION_GROUPS for n in (g, g + " (new)"))
+
+
+def action_groups(controls: np.ndarray, prev_controls: np.ndarray) -> np.ndarray:
+    """(N,) group names of controls (N, 4): ACTION_GROUPS, + " (new)" where the action class
+    differs from that of ``prev_controls`` (N, 4), the one before it.
+
+    The split matters: mid-turn, the context frames already turn, so a model can continue
+    the motion without reading the action; at a new action only the action says what comes.
+    """
+    names = {c: g for g, cs in ACTION_GROUPS.items() for c in cs}
+    cls, before = action_class(controls), action_class(prev_controls)
+    return np.array([names[int(c)] + (" (new)" if c != b else "") for c, b in zip(cls, before)])
+
+
+def by_action_group(groups: np.ndarray, mse: np.ndarray, mse_copy: np.ndarray,
+                    mse_ceiling: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Pooled teacher-forced PSNR per group (GROUP_ORDER; empty groups left out).
+
+    ``groups`` (N,) group names of the positions; the MSEs (N,) per position of the dream, of
+    copy-last and of the codec round trip. ``share_of_reachable`` = the part of copy-last's
+    MSE above the codec's that the dream removes (1 = as good as the codec allows, 0 = no
+    better than copying, < 0 = worse): it says whether the model predicts the change at all.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name in GROUP_ORDER:
+        m = groups == name
+        if not m.any():
+            continue
+        d, c, r = float(mse[m].mean()), float(mse_copy[m].mean()), float(mse_ceiling[m].mean())
+        pd, pc = pooled_psnr_of_mse(mse[m]), pooled_psnr_of_mse(mse_copy[m])
+        out[name] = {"positions": int(m.sum()), "psnr_pooled": pd, "copy_last_pooled": pc,
+                     "codec_ceiling_pooled": pooled_psnr_of_mse(mse_ceiling[m]),
+                     "gain_over_copy_last_db_pooled": pd - pc,
+                     "share_of_reachable": (c - d) / (c - r) if c > r else float("nan")}
+    return out
+
+
 def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
                          horizons: list[int], tf_positions: int, rollout_positions: int,
                          seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,7 +142,8 @@ def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampl
     generator seed per position. Context length = the config's sink + cache frames.
     PSNR is given twice: ``psnr`` (mean of per-frame PSNR) and ``psnr_pooled`` (of the MSE
     pooled over the frames); rollout baselines by horizon: ``copy_last`` / ``codec_ceiling``
-    (per-frame mean) and ``psnr_pooled["copy_last" | "codec_ceiling"]``.
+    (per-frame mean) and ``psnr_pooled["copy_last" | "codec_ceiling"]``. Each teacher-forced
+    config also has ``by_action``: the same, pooled per ACTION_GROUPS of the position's control.
     """
     n_ctx = max(s.cfg.sink_frames + s.cfg.cache_frames for s in samplers.values())
     hmax = max(horizons)
@@ -112,9 +153,12 @@ def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampl
     gen_of = lambda s, p: torch.Generator().manual_seed(seed * 1_000_003 + s.seed * 1009 + p)
     if not tf_idx:
         raise ValueError(f"held-out sessions are too short: teacher-forcing needs more than {n_ctx} frames")
-    real = at(tf_idx, "frames", 0)
-    tf: dict[str, Any] = {"positions": len(tf_idx), "copy_last": _pair(at(tf_idx, "frames", -1), real),
-                          "codec_ceiling": _pair(at(tf_idx, "recon", 0), real), "configs": {}}
+    real, prev, recon = at(tf_idx, "frames", 0), at(tf_idx, "frames", -1), at(tf_idx, "recon", 0)
+    tf: dict[str, Any] = {"positions": len(tf_idx), "copy_last": _pair(prev, real),
+                          "codec_ceiling": _pair(recon, real), "configs": {}}
+    groups = action_groups(np.stack([s.controls[p] for s, p in tf_idx]),
+                           np.stack([s.controls[p - 1] for s, p in tf_idx]))
+    mse_copy, mse_ceiling = frame_mse(prev, real), frame_mse(recon, real)
     ro: dict[str, Any] = {"horizons": list(horizons), "positions": len(ro_idx), "configs": {},
                           "copy_last": {}, "codec_ceiling": {},
                           "psnr_pooled": {"copy_last": {}, "codec_ceiling": {}}}
@@ -128,10 +172,12 @@ def from_context_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampl
         k = sampler.cfg.sink_frames + sampler.cfg.cache_frames
         t0 = time.perf_counter()
         z = torch.cat([dream_from_context(sampler, s.latents, ctrl[s.seed], p, k, 1, gen_of(s, p)) for s, p in tf_idx])
-        m = _pair(decode_frames(codec, z), real)
+        gen = decode_frames(codec, z)
+        m = _pair(gen, real)
         tf["configs"][name] = {**m, "seconds": time.perf_counter() - t0,
                                "gain_over_copy_last_db": m["psnr"] - tf["copy_last"]["psnr"],
-                               "gain_over_copy_last_db_pooled": m["psnr_pooled"] - tf["copy_last"]["psnr_pooled"]}
+                               "gain_over_copy_last_db_pooled": m["psnr_pooled"] - tf["copy_last"]["psnr_pooled"],
+                               "by_action": by_action_group(groups, frame_mse(gen, real), mse_copy, mse_ceiling)}
         if ro_idx:
             t0 = time.perf_counter()
             gens = [decode_frames(codec, dream_from_context(sampler, s.latents, ctrl[s.seed], p, k, hmax, gen_of(s, p)))

@@ -46,6 +46,7 @@ def _variants() -> dict[str, dict[str, Any]]:
     return {"rolling": {"name": "rolling"}, "rolling_nosink": {"name": "rolling", "sink_frames": 0},
             "rolling_nolate": {"name": "rolling", "late_binding": False},
             "rolling_ctx0": {"name": "rolling", "context_t": 0.0},
+            "rolling_rebind": {"name": "rolling", "rebind": 3},
             "causal": {"name": "causal"}, "teacher": {"name": "teacher"}}
 
 

@@ -36,6 +36,18 @@ def add_noise(x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
     return (1.0 - t) * x0 + t * eps
 
 
+def raise_level(xt: Tensor, t: Tensor, up: Tensor, eps: Tensor) -> Tensor:
+    """Move x_t at level ``t`` to a level ``up`` >= t by adding fresh noise ``eps``, without a model.
+
+    x_up = a x_t + b eps with a = (1 - up) / (1 - t), b² = up² - a² t²: the same x0 weight
+    and noise variance as add_noise(x0, up, .). Where up == t, x_t is returned unchanged
+    (also at t = 1, where a is undefined). ``t``, ``up`` broadcast against ``xt``.
+    """
+    a = (1.0 - up) / (1.0 - t).clamp(min=1e-6)
+    b = (up * up - a * a * t * t).clamp(min=0.0).sqrt()
+    return torch.where(up > t, a * xt + b * eps, xt)
+
+
 def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
     """The network's regression target v = eps - x0."""
     return eps - x0

@@ -109,19 +109,21 @@ def sample_layout(batch: int, frames: int, window: int, cfg: TeacherStageConfig,
 NEW_IN_PREV_FRAME = ("prev_embed.", "t_prev_mlp.")   # parameters frame stacking adds (zero-initialised)
 
 
-def warm_start(dit: WorldDiT, path: str, schema: ActionSchema, codec_id: str) -> str:
+def warm_start(dit: WorldDiT, path: str, schema: ActionSchema, codec_key: str) -> str:
     """Copy a teacher checkpoint's world-model weights into ``dit``; returns the checkpoint id.
 
     The model configs must agree except ``prev_frame``: turning frame stacking on keeps every
     old weight and starts the new, zero-initialised ones at zero, so the run begins exactly
-    as the old model. The checkpoint must have been trained on this run's codec.
+    as the old model. The checkpoint must embed this run's codec: ``codec_key`` is the
+    weights_key of the run's codec (weights, not ids: a codec read from an exported world
+    checkpoint, e.g. assets/default, is the same codec under another checkpoint id).
     """
     from world_model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path, schema)            # refuses codec-only checkpoints itself
-    theirs = (ck.config.get("training") or {}).get("codec_id")
-    if theirs != codec_id:
-        raise ConfigError(f"stage.init={path}: trained on codec {theirs}, this run encodes with {codec_id}")
+    if weights_key(ck.codec) != codec_key:
+        raise ConfigError(f"stage.init={path}: trained on another codec than this run's (pass its own "
+                          f"checkpoint as codec=)")
     a, b = to_plain(ck.dit.cfg), to_plain(dit.cfg)
     diff = sorted(k for k in a.keys() | b.keys() if k != "prev_frame" and a.get(k) != b.get(k))
     if diff:
@@ -242,7 +244,7 @@ class TeacherTask(Task):
         torch.manual_seed(seed)  # same initial weights on every rank and every fresh run
         self.model = TeacherObjective(WorldDiT(self.model_cfg), self.F, self.W, self.S)
         # a resumed run loads its own state over these weights afterwards (Trainer)
-        self.init_id = warm_start(self.model.dit, cfg.init, schema, self.codec_id) if cfg.init else None
+        self.init_id = warm_start(self.model.dit, cfg.init, schema, weights_key(self.codec)) if cfg.init else None
         self._val: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ training

@@ -62,6 +62,11 @@ class SamplerConfig:
     guidance_center: bool = False  # remove each frame's per-channel spatial mean from the guidance term
     guidance_min_t: float = 0.0   # guide only window frames at noise level >= this (0 = all)
     substeps: int = 1           # rolling: forwards per tick (each frame crosses its band in M steps)
+    # rolling: when the control changes, raise the window's frames r levels (fresh noise) and
+    # denoise them back under the new control: r more forwards on that tick. Late binding alone
+    # gives a new action only the emitted frame's last, cleanest step (docs/world_model.md)
+    rebind: int = 0
+    rebind_min_change: float = 0.25  # largest |control difference| that counts as a change
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -76,6 +81,9 @@ class SamplerConfig:
             raise ValueError(f"sampler.substeps must be >= 1, got {self.substeps}")
         if not 0.0 <= self.action_guidance <= 10.0:
             raise ValueError(f"sampler.action_guidance must be in [0, 10], got {self.action_guidance}")
+        if self.rebind < 0 or (self.rebind and not self.late_binding):
+            raise ValueError(f"sampler.rebind must be >= 0 and needs late_binding (got rebind={self.rebind}, "
+                             f"late_binding={self.late_binding})")
         if not 0.0 <= self.guidance_min_t <= 1.0:
             raise ValueError(f"sampler.guidance_min_t must be in [0, 1], got {self.guidance_min_t}")
 

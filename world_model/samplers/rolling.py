@@ -21,6 +21,11 @@ Attention inside the window is bidirectional; the window sees the history
   the controls of all window frames (none of them has been shown yet), so the
   emitted frame obeys the control given in the same call. Without it a frame
   keeps the control it entered with and obeys it W-1 calls late.
+* Rebind (``rebind`` = r > 0, with late binding): the emitted frame has had all
+  but its last step under the old control, so a new action shows fully only
+  W-1 frames later. When the control changes (by ``rebind_min_change``), the
+  window's frames are first raised r levels (fresh noise, ``raise_level``) and
+  denoised back down under the new control: r more forwards on that tick only.
 * The emitted frame's clean K/V enter the history (``fold_rerun`` folds that
   rerun into the next forward; see ``base.CachedHistory``).
 """
@@ -30,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..dit import WorldDiT
-from ..schedule import eps_from_v, renoise, rolling_bands, x0_from_v
+from ..schedule import eps_from_v, raise_level, renoise, rolling_bands, x0_from_v
 from .base import SamplerConfig, StreamSampler
 
 
@@ -75,10 +80,15 @@ class RollingSampler(StreamSampler):
         if it reached the front, else None.
         """
         noise = self._noise(*self._frame_shape)                                  # (C, h, w)
+        # a change against the last tick's control (only looked at with rebind: float() syncs a GPU)
+        changed = (self.cfg.rebind > 0 and self.u.shape[0] > 0
+                   and float((self.u[-1] - control).abs().max()) >= self.cfg.rebind_min_change)
         self.x = torch.cat([self.x, noise[None]])                                # (k, C, h, w)
         self.u = torch.cat([self.u, control[None]])                              # (k, 4)
         if self.cfg.late_binding:
             self.u = control[None].expand_as(self.u).clone()                     # nothing in the window shown yet
+        if changed:
+            self._rebind(min(self.cfg.rebind, self.W - 1))
         t = self.window_levels()                                                 # (k,)
         k = t.shape[0]
         lo = self._lower[self.W - k:]                                            # (k,) one level lower
@@ -97,6 +107,17 @@ class RollingSampler(StreamSampler):
         if self.x.shape[0]:
             self.x = self._renoise(self.x, s, v, lo)                             # (k', C, h, w) one level lower
         return emitted
+
+    def _rebind(self, r: int) -> None:
+        """Raise every window frame r levels (capped at pure noise), then r forwards under the
+        window's (new) controls bring each back to its own level; the tick follows as usual."""
+        k = self.x.shape[0]
+        idx = torch.arange(self.W - k, self.W, device=self._levels.device)       # (k,) level index per frame
+        at = lambda j: self._levels[(idx + j).clamp(max=self.W - 1)]             # (k,) levels j above
+        col = lambda lv: lv[:, None, None, None]
+        self.x = raise_level(self.x, col(at(0)), col(at(r)), self._noise(*self.x.shape))
+        for j in range(r, 0, -1):
+            self.x = self._renoise(self.x, at(j), self._velocity(self.x, at(j), self.u), at(j - 1))
 
     def _renoise(self, x: Tensor, t: Tensor, v: Tensor, nxt: Tensor) -> Tensor:
         """Frames x (k, C, h, w) at levels t (k,) with velocity v, moved to levels nxt (k,)."""
