@@ -28,11 +28,12 @@ from engine.actions import DEFAULT_SCHEMA, Action, ActionSchema
 from engine.source import Sensors
 
 QUARTER = math.pi / 2
-# burst actions as (axis, sign); turns twice, as a turn changes every pixel and is what a
-# model most needs to learn to start on command
-BURSTS: tuple[tuple[str, float], ...] = (("turn", 1.0), ("turn", -1.0), ("turn", 1.0), ("turn", -1.0),
-                                         ("move", 1.0), ("move", -1.0), ("strafe", 1.0), ("strafe", -1.0),
-                                         ("idle", 0.0))
+# burst actions as (axis, sign, button); turns twice, as a turn changes every pixel and is what a
+# model most needs to learn to start on command; with the button a keyboard player would hold
+BURSTS: tuple[tuple[str, float, str], ...] = (
+    ("turn", 1.0, "turn_right"), ("turn", -1.0, "turn_left"), ("turn", 1.0, "turn_right"),
+    ("turn", -1.0, "turn_left"), ("move", 1.0, "forward"), ("move", -1.0, "back"),
+    ("strafe", 1.0, "strafe_right"), ("strafe", -1.0, "strafe_left"), ("idle", 0.0, ""))
 
 
 @dataclass
@@ -294,14 +295,12 @@ class ExplorerController:
                 return Action.make([], self.schema, strafe=seg.delta * seg.amp * ramp)
             return Action.make(["strafe_right" if seg.delta > 0 else "strafe_left"], self.schema)
         if seg.kind == "burst":
-            axis, sign = BURSTS[seg.burst]
+            axis, sign, button = BURSTS[seg.burst]
             if axis == "idle":
                 return self.schema.noop()
             if analog:
                 return Action.make([], self.schema, **{axis: sign * seg.amp})
-            button = {("move", 1.0): "forward", ("move", -1.0): "back", ("strafe", 1.0): "strafe_right",
-                      ("strafe", -1.0): "strafe_left", ("turn", 1.0): "turn_right", ("turn", -1.0): "turn_left"}
-            return Action.make([button[axis, sign]], self.schema)
+            return Action.make([button], self.schema)
         if seg.kind == "back":
             if analog:
                 return Action.make([], self.schema, move=-seg.amp * ramp)

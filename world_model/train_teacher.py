@@ -214,6 +214,7 @@ class TeacherTask(Task):
         ck = load_codec(codec_path, schema)
         self.codec: FrameCodec = ck.codec.eval().requires_grad_(False)
         self.codec_id = ck.id
+        codec_key = weights_key(self.codec)   # the codec's weights: latent cache key, warm-start check
         side = self.codec.cfg.resolution
         self.resolution = (side, side)
         # Latent shape and control width are not free choices: they come from the codec and schema.
@@ -230,7 +231,7 @@ class TeacherTask(Task):
         # cache key: the codec's weights, not the checkpoint's id (a distill run loads the same
         # codec from the teacher's checkpoint, whose id differs)
         self.latents = encode_sessions(self.codec, train + val, cfg.encode_batch, schema=schema,
-                                       codec_id=weights_key(self.codec), cache_dir=cfg.latent_cache or Path(out) / "cache",
+                                       codec_id=codec_key, cache_dir=cfg.latent_cache or Path(out) / "cache",
                                        progress=progress)
         n_train = len(train)
         self.val_sessions = list(range(n_train, n_train + len(val))) if val else list(range(n_train))
@@ -244,7 +245,7 @@ class TeacherTask(Task):
         torch.manual_seed(seed)  # same initial weights on every rank and every fresh run
         self.model = TeacherObjective(WorldDiT(self.model_cfg), self.F, self.W, self.S)
         # a resumed run loads its own state over these weights afterwards (Trainer)
-        self.init_id = warm_start(self.model.dit, cfg.init, schema, weights_key(self.codec)) if cfg.init else None
+        self.init_id = warm_start(self.model.dit, cfg.init, schema, codec_key) if cfg.init else None
         self._val: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ training
