@@ -243,6 +243,33 @@ def test_truth_loss_targets_the_recorded_frames(data: Path, teacher: Path, tmp_p
     assert abs(b.item() - a.item()) > 1e-3
 
 
+def test_real_anchor_reads_the_recorded_history_not_the_rollout(data: Path, teacher: Path, tmp_path: Path) -> None:
+    """real_weight: the truth loss after the *recorded* context frames. It is logged beside the
+    truth loss, changes with the recorded history (which the truth loss never sees after the
+    context) and counts in the total with its weight."""
+    stage = DistillStageConfig(**{**STAGE.__dict__, "dmd_weight": 0.0, "truth_weight": 1.0, "real_weight": 0.5,
+                                  "truth_frames": 2, "p_causal": 0.0})
+    task = DistillTask(stage, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
+    total, m = task.loss(task.model, 0)
+    assert m["real_loss"] > 0 and m["truth_loss"] > 0 and m["real_loss"] != m["truth_loss"]
+    assert total.item() == pytest.approx(m["truth_loss"] + 0.5 * m["real_loss"], rel=1e-5)
+    # by hand, on the same batch 0 from a fresh task: the anchor is the truth loss after the recorded stream
+    task = DistillTask(stage, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
+    b0 = task.clips.next()
+    n = task.F0 + stage.rollout_frames
+    r_hist, r_hist_u = frame_histories(b0.latents[:, :n], b0.controls[:, :n], task.F0, task.S, task.L)
+    real = task.truth_loss(task.model.dit, b0, r_hist, r_hist_u, 0, False, stream=6)
+    assert real.item() == pytest.approx(m["real_loss"], rel=1e-6)
+    _, hist, _, _ = task.rollout(task.model.dit, b0, 0, grad=False)
+    torch.testing.assert_close(hist[:, 0], r_hist[:, 0])              # the first frame's history is real context
+    assert not torch.equal(hist[:, 1:], r_hist[:, 1:])                # later ones: rollout against recording
+    with pytest.raises(ConfigError, match="real_weight"):
+        DistillTask(DistillStageConfig(real_weight=-1.0), teacher, data, tmp_path, DEFAULT_SCHEMA)
+    with pytest.raises(ConfigError, match="ode_weight"):
+        DistillTask(DistillStageConfig(dmd_weight=0.0, ode_weight=1.0, real_weight=1.0), teacher, data, tmp_path,
+                    DEFAULT_SCHEMA)
+
+
 def test_distill_refuses_bad_set_ups(data: Path, teacher: Path, tmp_path: Path) -> None:
     from world_model.train import STAGES
     cfg = OmegaConf.create({"stage": {"name": "distill"}, "teacher": None, "data": str(data), "out": str(tmp_path),

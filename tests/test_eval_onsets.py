@@ -9,7 +9,7 @@ import torch
 import world_model.eval_onsets as eo
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.dit import ModelConfig, WorldDiT
-from world_model.eval_report import _onset_section
+from world_model.eval_report import _held_section, _onset_section, held_columns
 from world_model.eval_streams import Session, decode_frames
 from world_model.samplers import SamplerConfig, make_sampler
 
@@ -88,3 +88,42 @@ def test_onset_section_in_markdown() -> None:
     assert "| copy-last | 20.00 | 18.00 | - | - | - |" in text
     assert _onset_section(None) == []                                  # reports written before the section
     assert "No turn onsets" in "\n".join(_onset_section({**on, "positions": 0, "configs": {}}))
+
+
+def test_held_turns_score_against_a_frozen_picture_and_the_codec(parts: tuple[FrameCodec, WorldDiT, Session],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    codec, dit, s = parts
+    samplers = {"rolling": make_sampler(dit, SamplerConfig(name="rolling", steps=2))}
+    out = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3))
+    assert out["positions"] == 2 and set(out["copy_last"]) == {1, 2, 3}
+    v = out["configs"]["rolling"]
+    assert set(v["psnr"]) == {1, 2, 3} and all(np.isfinite(x) for x in v["share_of_reachable"].values())
+    # a dream that freezes the frame before the onset scores exactly copy-last (share 0); one that
+    # returns the codec's round trip of the truth scores the ceiling (share 1)
+    monkeypatch.setattr(eo, "_dream", lambda codec, sampler, s, u, p, h, seed: np.broadcast_to(
+        s.frames[p - 1], (h, *s.frames.shape[1:])).copy())
+    frozen = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3))["configs"]["rolling"]
+    assert frozen["psnr"] == pytest.approx(out["copy_last"])
+    assert all(x == 0 for x in frozen["share_of_reachable"].values())
+    monkeypatch.setattr(eo, "_dream", lambda codec, sampler, s, u, p, h, seed: s.recon[p:p + h])
+    best = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3))["configs"]["rolling"]
+    assert best["psnr"] == pytest.approx(out["codec_ceiling"])
+    assert all(x == pytest.approx(1.0) for x in best["share_of_reachable"].values())
+    # the turns last 4 frames: none is held 5; held=0 switches the section off
+    assert eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=5))["positions"] == 0
+    assert eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=0))["configs"] == {}
+    with pytest.raises(ValueError, match="held"):
+        eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(held=-1))
+
+
+def test_held_section_in_markdown() -> None:
+    ht = {"horizon": 3, "positions": 4, "copy_last": {"1": 20.0, "2": 18.0, "3": 17.0},
+          "codec_ceiling": {"1": 30.0, "2": 30.0, "3": 30.0},
+          "configs": {"rolling": {"psnr": {"1": 21.0, "2": 19.0, "3": 17.5},
+                                  "share_of_reachable": {"1": 0.2, "2": 0.1, "3": 0.05}}}}
+    text = "\n".join(_held_section(ht))
+    assert "## Held turns" in text and "| rolling | 21.00 | 19.00 | 17.50 | 0.20 | 0.10 | 0.05 |" in text
+    assert "| copy-last | 20.00 | 18.00 | 17.00 | - | - | - |" in text
+    assert _held_section(None) == [] and _held_section({**ht, "horizon": 0}) == []
+    assert "No held turns" in "\n".join(_held_section({**ht, "positions": 0, "configs": {}}))
+    assert held_columns(16) == [1, 2, 4, 8, 12, 16] and held_columns(6) == [1, 2, 4, 6]

@@ -307,6 +307,9 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     assert "## Teacher-forced next frame" in md and "| copy-last |" in md and "ΔDrift" in md
     assert saved["onsets"]["horizon"] == 2 and "## Response to a turn" in md     # quick: 2 frames per onset
     assert saved["onsets"]["positions"] > 0 and set(saved["onsets"]["configs"]) == set(names)
+    # the turn at frame 88 is held longer than quick's 4 frames
+    assert saved["held_turns"]["horizon"] == 4 and "## Held turns" in md
+    assert saved["held_turns"]["positions"] > 0 and set(saved["held_turns"]["configs"]) == set(names)
     assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
     assert "not streamed twice" in md and "rolling_ctx0 = rolling" in md
     assert md.count("| codec (real frames encoded + decoded) |") == 3 and "through the codec" in md

@@ -91,6 +91,8 @@ class DistillStageConfig:
     truth_weight: float = 0.0            # flow matching to the recorded frames after the student's own history
     truth_frames: int = 4                # frames per rollout given the truth loss (random, of rollout_frames)
     truth_context_noise: float = 0.5     # that history is noised to U[0, this] (the teacher's augmentation)
+    real_weight: float = 0.0             # the same loss after the *recorded* history: the teacher's own
+                                         # objective, an anchor so the student keeps what it knew
     ode_weight: float = 0.0              # > 0: ODE-trajectory regression alone (world_model/ode_distill.py)
     ode_substeps: int = 8                # teacher Euler steps per band: W * this per frame
     ode_labels: str = "rolling"          # rolling: teacher ODE per band, same window; causal: teacher sampler frames
@@ -125,15 +127,16 @@ class DistillStageConfig:
             bad.append(f"critic_lr must be > 0, got {self.critic_lr}")
         if self.context_t is not None and not 0.0 <= self.context_t < 1.0:
             bad.append(f"context_t must be in [0, 1), got {self.context_t}")
-        if self.dmd_weight < 0 or self.truth_weight < 0 or \
-                self.dmd_weight + self.truth_weight + max(self.ode_weight, 0.0) <= 0:
-            bad.append(f"dmd_weight, truth_weight and ode_weight must be >= 0 and not all 0, got "
-                       f"{self.dmd_weight}, {self.truth_weight}, {self.ode_weight}")
-        if self.truth_weight > 0 and not 1 <= self.truth_frames <= self.rollout_frames:
+        if self.dmd_weight < 0 or self.truth_weight < 0 or self.real_weight < 0 or \
+                self.dmd_weight + self.truth_weight + self.real_weight + max(self.ode_weight, 0.0) <= 0:
+            bad.append(f"dmd_weight, truth_weight, real_weight and ode_weight must be >= 0 and not all 0, got "
+                       f"{self.dmd_weight}, {self.truth_weight}, {self.real_weight}, {self.ode_weight}")
+        if (self.truth_weight > 0 or self.real_weight > 0) and not 1 <= self.truth_frames <= self.rollout_frames:
             bad.append(f"truth_frames must be in [1, rollout_frames], got {self.truth_frames}")
-        if self.ode_weight < 0 or (self.ode_weight > 0 and (self.dmd_weight > 0 or self.truth_weight > 0)):
-            bad.append(f"ode_weight must be >= 0, and > 0 only with dmd_weight=0 and truth_weight=0 "
-                       f"(got {self.ode_weight}, {self.dmd_weight}, {self.truth_weight})")
+        if self.ode_weight < 0 or (self.ode_weight > 0 and (self.dmd_weight > 0 or self.truth_weight > 0
+                                                             or self.real_weight > 0)):
+            bad.append(f"ode_weight must be >= 0, and > 0 only with dmd_weight, truth_weight and real_weight 0 "
+                       f"(got {self.ode_weight}, {self.dmd_weight}, {self.truth_weight}, {self.real_weight})")
         if self.ode_labels not in ("rolling", "causal") or self.ode_windows < 1:
             bad.append(f"ode_labels must be rolling or causal and ode_windows >= 1, got "
                        f"{self.ode_labels!r}, {self.ode_windows}")
@@ -268,7 +271,7 @@ class DistillTask(TeacherTask):
         gen_step = dmd and step >= c.gen_warmup and (step + 1) % c.gen_every == 0
         ro, hist, hist_u, m = self.rollout(model.dit, batch, pos, grad=gen_step)
         total = ro.samples.new_zeros(())
-        critic_loss = gen_loss = gap = truth = math.nan
+        critic_loss = gen_loss = gap = truth = real = math.nan
         if dmd:
             dmd_total, critic_loss, gen_loss, gap = self.dmd_losses(model, ro, hist, hist_u, pos, gen_step)
             total = total + dmd_total
@@ -276,8 +279,15 @@ class DistillTask(TeacherTask):
             t_loss = self.truth_loss(model.dit, batch, hist, hist_u, pos, causal=bool(m["causal"]))
             total = total + c.truth_weight * t_loss
             truth = float(t_loss.detach())
+        if c.real_weight > 0:
+            # the same frames after the recorded history instead of the student's own
+            n = self.F0 + c.rollout_frames
+            r_hist, r_hist_u = frame_histories(batch.latents[:, :n], batch.controls[:, :n], self.F0, self.S, self.L)
+            r_loss = self.truth_loss(model.dit, batch, r_hist, r_hist_u, pos, causal=bool(m["causal"]), stream=6)
+            total = total + c.real_weight * r_loss
+            real = float(r_loss.detach())
         return total, {**m, "gen_step": float(gen_step), "critic_loss": critic_loss,
-                       "gen_loss": gen_loss, "real_fake_gap": gap, "truth_loss": truth,
+                       "gen_loss": gen_loss, "real_fake_gap": gap, "truth_loss": truth, "real_loss": real,
                        "sample_level": float(ro.sample_levels.mean())}
 
     def dmd_losses(self, model: nn.Module, ro: Rollout, hist: Tensor, hist_u: Tensor, pos: int,
@@ -313,7 +323,7 @@ class DistillTask(TeacherTask):
         return total, float(critic.detach()), gen_loss, gap
 
     def truth_loss(self, student: WorldDiT, batch: ClipBatch, hist: Tensor, hist_u: Tensor, pos: int,
-                   causal: bool) -> Tensor:
+                   causal: bool, stream: int = 5) -> Tensor:
         """Flow matching of the student to the *recorded* frames after its own rollout's history.
 
         The game is deterministic given the controls, so the frames the student should have made
@@ -322,10 +332,11 @@ class DistillTask(TeacherTask):
         U[0, truth_context_noise]; then the recorded frames as the teacher was trained: a
         rolling window of W (levels in their bands) after a rolling rollout, one frame
         (level as the teacher's diffusion forcing) after a causal one. Teaches recovery from the
-        errors the student itself makes, which noise augmentation only imitates.
+        errors the student itself makes, which noise augmentation only imitates. ``stream`` names
+        the random draws (picks, levels, noise): the real-history anchor uses its own.
         """
         c, B = self.dcfg, hist.shape[0]
-        g = step_torch_generator(self.seed, self.dist.rank, pos, stream=5)
+        g = step_torch_generator(self.seed, self.dist.rank, pos, stream=stream)
         K, W = c.truth_frames, (1 if causal else self.W)
         picks = torch.rand(B, c.rollout_frames, generator=g).argsort(1)[:, :K]     # (B, K) rollout frames
         rows = torch.arange(B)[:, None]
@@ -400,8 +411,9 @@ class DistillTask(TeacherTask):
         info = {**training, "teacher_id": self.teacher_id,
                 "codec_id": self.teacher_training.get("codec_id", self.codec_id), "classic": self.classic,
                 "window": self.W, "rollout_frames": c.rollout_frames, "p_causal": c.p_causal,
-                "gen_every": c.gen_every, "gen_warmup": c.gen_warmup, "late_binding": c.late_binding, "context_t": self.rollout_cfg.context_t,
-                "dmd_weight": c.dmd_weight, "truth_weight": c.truth_weight}
+                "gen_every": c.gen_every, "gen_warmup": c.gen_warmup, "late_binding": c.late_binding,
+                "context_t": self.rollout_cfg.context_t,
+                "dmd_weight": c.dmd_weight, "truth_weight": c.truth_weight, "real_weight": c.real_weight}
         if c.ode_weight > 0:
             info.update(ode_weight=c.ode_weight, ode_labels=c.ode_labels, ode_substeps=c.ode_substeps,
                         ode_p_student=c.ode_p_student, ode_windows=c.ode_windows)
@@ -415,4 +427,5 @@ class DistillTask(TeacherTask):
                 "context_t": self.rollout_cfg.context_t,
                 "objective": [c.dmd_weight, c.truth_weight] + ([c.ode_weight, c.ode_labels, c.ode_substeps,
                                                                 c.ode_p_student, c.ode_windows]
-                                                               if c.ode_weight > 0 else [])}
+                                                               if c.ode_weight > 0 else [])
+                               + ([c.real_weight] if c.real_weight > 0 else [])}

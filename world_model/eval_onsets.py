@@ -15,6 +15,13 @@ closer the dream is to the truth when told the right direction. 0 dB means the d
 ignores the command; the first h with ``response_db >= margin_db`` is reported as
 ``first_response_frame`` (1 = the frame returned by the press's own step).
 Baselines per h: copy-last (frame p-1) and the codec ceiling (the real frame round-tripped).
+
+**Held turns** (``held_turn_metrics``, ``held`` frames, 16 by default): the same onsets, but
+only those whose turn is then held ``held`` frames, dreamed under the recorded controls for
+that long. Per h: pooled PSNR and the share of reachable (copy-last's MSE above the codec's
+that the dream removes: 0 = a frozen picture, 1 = as good as the codec allows). The onset
+response says whether a turn *starts*; this says whether it goes on turning, which is where
+the dream fails (docs/evaluation.md, "Held turns").
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from world_model.eval_metrics import pooled_psnr
+from world_model.eval_metrics import frame_mse, pooled_psnr, pooled_psnr_of_mse
 from world_model.eval_streams import Session, decode_frames, dream_from_context
 from world_model.samplers import StreamSampler
 
@@ -38,6 +45,7 @@ class OnsetConfig:
     horizon: int = 4           # frames dreamed from each onset
     min_turn: float = 0.5      # |turn| every frame of the horizon holds, one sign
     margin_db: float = 1.0     # response_db that counts as "shows the right turn"
+    held: int = 16             # frames of a held turn dreamed from onsets whose turn lasts that long (0 = off)
 
 
 def find_onsets(controls: np.ndarray, n_ctx: int, horizon: int, min_turn: float) -> list[int]:
@@ -66,6 +74,22 @@ def mirrored(controls: torch.Tensor, start: int, horizon: int) -> torch.Tensor:
     return out
 
 
+def _onsets(sessions: list[Session], samplers: dict[str, StreamSampler], horizon: int,
+            cfg: OnsetConfig) -> list[tuple[Session, int]]:
+    """(session, p) of up to ``cfg.positions`` onsets per session with ``horizon`` turning frames."""
+    n_ctx = max(s.cfg.sink_frames + s.cfg.cache_frames for s in samplers.values())
+    return [(s, p) for s in sessions if cfg.positions
+            for p in _spread(find_onsets(s.controls, n_ctx, horizon, cfg.min_turn), cfg.positions)]
+
+
+def _dream(codec: torch.nn.Module, sampler: StreamSampler, s: Session, u: torch.Tensor, p: int, horizon: int,
+           seed: int) -> np.ndarray:
+    """``horizon`` frames (H, H_px, W_px, 3) dreamed from the real context before frame p under u."""
+    k = sampler.cfg.sink_frames + sampler.cfg.cache_frames
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + s.seed * 1009 + p)   # same noise for every variant
+    return decode_frames(codec, dream_from_context(sampler, s.latents, u, p, k, horizon, gen))
+
+
 def onset_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
                   cfg: OnsetConfig, seed: int = 0) -> dict[str, Any]:
     """The onset section: positions, baselines by horizon, and per config recorded / mirrored /
@@ -73,9 +97,7 @@ def onset_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], se
     H = cfg.horizon
     if H < 1 or cfg.positions < 0:
         raise ValueError(f"onsets: horizon must be >= 1 and positions >= 0, got {H}, {cfg.positions}")
-    n_ctx = max(s.cfg.sink_frames + s.cfg.cache_frames for s in samplers.values())
-    idx = [(s, p) for s in sessions if cfg.positions
-           for p in _spread(find_onsets(s.controls, n_ctx, H, cfg.min_turn), cfg.positions)]
+    idx = _onsets(sessions, samplers, H, cfg)
     out: dict[str, Any] = {"horizon": H, "positions": len(idx), "margin_db": cfg.margin_db,
                            "copy_last": {}, "codec_ceiling": {}, "configs": {}}
     if not idx:
@@ -86,17 +108,45 @@ def onset_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], se
         out["codec_ceiling"][h] = pooled_psnr(np.stack([s.recon[p + h - 1] for s, p in idx]), truth[h])
     ctrl = {s.seed: torch.from_numpy(s.controls) for s in sessions}
     for name, sampler in samplers.items():
-        k = sampler.cfg.sink_frames + sampler.cfg.cache_frames
         t0 = time.perf_counter()
         res: dict[str, Any] = {}
         for variant in ("recorded", "mirrored"):
-            dreams = []                                                           # each (H, H_px, W_px, 3)
-            for s, p in idx:
-                u = ctrl[s.seed] if variant == "recorded" else mirrored(ctrl[s.seed], p, H)
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + s.seed * 1009 + p)  # same noise for both
-                dreams.append(decode_frames(codec, dream_from_context(sampler, s.latents, u, p, k, H, gen)))
+            turn = (lambda s, p: ctrl[s.seed]) if variant == "recorded" else (
+                lambda s, p: mirrored(ctrl[s.seed], p, H))
+            dreams = [_dream(codec, sampler, s, turn(s, p), p, H, seed) for s, p in idx]   # each (H, H_px, W_px, 3)
             res[variant] = {h: pooled_psnr(np.stack([d[h - 1] for d in dreams]), truth[h]) for h in range(1, H + 1)}
         res["response_db"] = {h: res["recorded"][h] - res["mirrored"][h] for h in range(1, H + 1)}
         first: Optional[int] = next((h for h in range(1, H + 1) if res["response_db"][h] >= cfg.margin_db), None)
         out["configs"][name] = {**res, "first_response_frame": first, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def held_turn_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
+                      cfg: OnsetConfig, seed: int = 0) -> dict[str, Any]:
+    """Held turns: onsets whose turn lasts ``cfg.held`` frames, dreamed that long under the recorded
+    controls -> positions, copy-last / codec ceiling by h, per config pooled PSNR and share of
+    reachable by h (MSE pooled over the onsets)."""
+    H = cfg.held
+    if H < 0:
+        raise ValueError(f"onsets: held must be >= 0 (0 = off), got {H}")
+    idx = _onsets(sessions, samplers, H, cfg) if H else []
+    out: dict[str, Any] = {"horizon": H, "positions": len(idx), "copy_last": {}, "codec_ceiling": {}, "configs": {}}
+    if not idx:
+        return out
+    truth = np.stack([s.frames[p:p + H] for s, p in idx])                        # (n, H, H_px, W_px, 3)
+    mse_copy = np.stack([frame_mse(np.broadcast_to(s.frames[p - 1], t.shape), t) for (s, p), t in zip(idx, truth)])
+    mse_codec = np.stack([frame_mse(s.recon[p:p + H], t) for (s, p), t in zip(idx, truth)])   # (n, H) each
+    out["copy_last"] = {h: pooled_psnr_of_mse(mse_copy[:, h - 1]) for h in range(1, H + 1)}
+    out["codec_ceiling"] = {h: pooled_psnr_of_mse(mse_codec[:, h - 1]) for h in range(1, H + 1)}
+    ctrl = {s.seed: torch.from_numpy(s.controls) for s in sessions}
+    for name, sampler in samplers.items():
+        t0 = time.perf_counter()
+        mse = np.stack([frame_mse(_dream(codec, sampler, s, ctrl[s.seed], p, H, seed), t)
+                        for (s, p), t in zip(idx, truth)])                       # (n, H)
+        share = {}
+        for h in range(1, H + 1):
+            d, c, r = (float(m[:, h - 1].mean()) for m in (mse, mse_copy, mse_codec))
+            share[h] = (c - d) / (c - r) if c > r else float("nan")
+        out["configs"][name] = {"psnr": {h: pooled_psnr_of_mse(mse[:, h - 1]) for h in range(1, H + 1)},
+                                "share_of_reachable": share, "seconds": time.perf_counter() - t0}
     return out

@@ -92,6 +92,31 @@ def _onset_section(on: dict[str, Any] | None) -> list[str]:
                           "first response frame"], rows)
 
 
+def held_columns(horizon: int) -> list[int]:
+    """The frames a held-turn table shows: 1, 2, 4, 8, 12, 16, ... up to the horizon, and the horizon."""
+    cols = [h for h in (1, 2, 4, 8) if h <= horizon] + list(range(12, horizon + 1, 4))
+    return cols if not horizon or cols[-1] == horizon else cols + [horizon]
+
+
+def _held_section(ht: dict[str, Any] | None) -> list[str]:
+    """Held turns: dreams of a turn held ``horizon`` frames from real onsets (reports before session 11 have none)."""
+    if not ht or not ht["horizon"]:
+        return []
+    head = ["## Held turns (dreams from real turn onsets, the turn held)", "",
+            (f"{ht['positions']} onsets whose turn lasts {ht['horizon']} frames. Pooled PSNR of frame h after the "
+             "onset; share = the part of copy-last's error above the codec's that the dream removes "
+             "(0 = a frozen picture, 1 = the codec's best)."), ""]
+    if not ht["positions"]:
+        return head + ["No held turns in these sessions.", ""]
+    hs = [str(h) for h in held_columns(ht["horizon"])]
+    get = lambda d, h: (d or {}).get(h, (d or {}).get(int(h)))
+    rows = [[label, *[get(ht[key], h) for h in hs], *["-"] * len(hs)]
+            for label, key in (("copy-last", "copy_last"), ("codec ceiling", "codec_ceiling"))]
+    rows += [[n, *[get(v["psnr"], h) for h in hs], *[get(v["share_of_reachable"], h) for h in hs]]
+             for n, v in ht["configs"].items()]
+    return head + _table(["", *[f"h={h} PSNR" for h in hs], *[f"h={h} share" for h in hs]], rows)
+
+
 def _drift_section(dr: dict[str, Any]) -> list[str]:
     lines = ["## Drift over long streams", "",
              (f"Bins of {dr['bin_seconds']} s at {dr['fps']} fps; seeds {dr['seeds']}. Quality: 0-100 "
@@ -131,7 +156,8 @@ def markdown(r: dict[str, Any]) -> str:
              "## Codec ceiling", ""]
     lines += _table(["frames", "PSNR mean dB", "PSNR pooled dB", "SSIM"],
                     [[c["frames"], c["psnr"], c.get("psnr_pooled"), c["ssim"]]])
-    lines += _tf_section(r["teacher_forced"]) + _rollout_section(r["rollout"]) + _onset_section(r.get("onsets"))
+    lines += (_tf_section(r["teacher_forced"]) + _rollout_section(r["rollout"]) + _onset_section(r.get("onsets"))
+              + _held_section(r.get("held_turns")))
     lines += _drift_section(r["drift"])
     lines += ["## Action faithfulness (inverse-dynamics model)", "",
               (f"Real held-out pairs: accuracy {_f(r['probes']['idm_acc_heldout'])} "

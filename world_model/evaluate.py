@@ -31,7 +31,7 @@ from engine.session import SessionReader, list_sessions
 from world_model.checkpoint import LoadedCheckpoint, load_checkpoint
 from world_model.data import weights_key
 from world_model.eval_metrics import pooled_psnr, psnr, ssim
-from world_model.eval_onsets import OnsetConfig, onset_metrics
+from world_model.eval_onsets import OnsetConfig, held_turn_metrics, onset_metrics
 from world_model.eval_probes import ACTION_CLASSES, ProbeConfig, Probes, collect_real, heldout_accuracy, train_probes
 from world_model.eval_report import markdown, write_plots
 from world_model.eval_streams import (Session, decode_frames, floor_reference, from_context_metrics, measure_latency,
@@ -108,9 +108,9 @@ def resolve(node: Any, explicit: set[str] = frozenset()) -> EvalConfig:
     if unknown or not cfg.configs:
         raise ConfigError(f"unknown evaluation config {unknown[0] if unknown else '(none)'!r}; "
                           f"choose from {sorted(cfg.variants)}")
-    if cfg.onsets.horizon < 1 or cfg.onsets.positions < 0:
-        raise ConfigError(f"evaluate: onsets.horizon must be >= 1 and onsets.positions >= 0 (0 = off), got "
-                          f"{cfg.onsets.horizon}, {cfg.onsets.positions}")
+    if cfg.onsets.horizon < 1 or cfg.onsets.positions < 0 or cfg.onsets.held < 0:
+        raise ConfigError(f"evaluate: onsets.horizon must be >= 1, onsets.positions and onsets.held >= 0 "
+                          f"(0 = off), got {cfg.onsets.horizon}, {cfg.onsets.positions}, {cfg.onsets.held}")
     if not cfg.horizons or min(cfg.horizons) < 1 or cfg.minutes <= 0 or cfg.fps <= 0 or cfg.bin_seconds <= 0:
         raise ConfigError("evaluate: horizons must be >= 1 and minutes, fps, bin_seconds > 0")
     return cfg
@@ -295,6 +295,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     report["teacher_forced"], report["rollout"] = timed("teacher_forced+rollout", lambda: from_context_metrics(
         ckpt.codec, samplers, sessions, cfg.horizons, cfg.tf_positions, cfg.rollout_positions, cfg.seed))
     report["onsets"] = timed("onsets", lambda: onset_metrics(ckpt.codec, samplers, sessions, cfg.onsets, cfg.seed))
+    report["held_turns"] = timed("held_turns", lambda: held_turn_metrics(ckpt.codec, samplers, sessions,
+                                                                         cfg.onsets, cfg.seed))
     probes = timed("probes", lambda: train_probes(cfg.probes, classic, cfg.probe_dir or out / "probes"))
     report["probes"] = {**heldout_accuracy(probes, [(s.frames, s.controls, s.theme) for s in sessions]),
                         **probes.info}

@@ -34,7 +34,7 @@ from world_model.export import ExportConfig, export
 # A short drift sweep: three 45-s explorer streams, 15-s bins (~90 s per pair on 2 cores).
 # The sections the selection does not read (teacher-forced, rollout, latency) are cut to a minimum.
 SWEEP = {"stream_seeds": 3, "minutes": 0.75, "bin_seconds": 15, "tf_positions": 1, "rollout_positions": 1,
-         "horizons": [1, 16], "latency.seeds": 1, "codec_frames": 64, "plots": False}
+         "horizons": [1, 16], "latency.seeds": 1, "codec_frames": 64, "plots": False, "onsets.held": 0}
 
 
 @dataclass
