@@ -87,7 +87,10 @@ def test_tiny_pipeline_from_zero_exports_a_playable_checkpoint(tmp_path: Path) -
                            "headless=true", "max_frames=5", "controller=explorer"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert play.returncode == 0, play.stderr[-2000:]
-    assert json.loads(play.stdout.strip().splitlines()[-1])["frames"] == 5
+    # an explorer run is counted in produced frames; displayed ticks can be more when the threaded
+    # source misses a tick's deadline (late frames), which depends on the machine's load
+    played = json.loads(play.stdout.strip().splitlines()[-1])
+    assert played["produced"] == 5 and played["frames"] >= 5
 
 
 def fake_commands(reason: str, sleep: float = 0.0) -> Any:
