@@ -87,6 +87,14 @@ def pooled_psnr_of_mse(mse: np.ndarray | list[float]) -> float:
     return float(_psnr_of(np.asarray(m.mean()))) if m.size else math.nan
 
 
+def share_of_reachable(mse: np.ndarray, mse_copy: np.ndarray, mse_ceiling: np.ndarray) -> float:
+    """The part of copy-last's pooled MSE above the codec's that a dream removes: 1 = as good as
+    the codec allows, 0 = no better than copying, < 0 = worse; NaN when copying is already at
+    the ceiling. Each argument: per-frame MSEs (N,) of the same frames."""
+    d, c, r = (float(np.mean(m)) for m in (mse, mse_copy, mse_ceiling))
+    return (c - d) / (c - r) if c > r else math.nan
+
+
 def pooled_psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR (dB) of the MSE pooled over all frames of two uint8 batches, capped at PSNR_CAP."""
     return pooled_psnr_of_mse(frame_mse(a, b))

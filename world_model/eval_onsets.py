@@ -32,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from world_model.eval_metrics import frame_mse, pooled_psnr, pooled_psnr_of_mse
+from world_model.eval_metrics import frame_mse, pooled_psnr, pooled_psnr_of_mse, share_of_reachable
 from world_model.eval_streams import Session, decode_frames, dream_from_context
 from world_model.samplers import StreamSampler
 
@@ -143,10 +143,9 @@ def held_turn_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler]
         t0 = time.perf_counter()
         mse = np.stack([frame_mse(_dream(codec, sampler, s, ctrl[s.seed], p, H, seed), t)
                         for (s, p), t in zip(idx, truth)])                       # (n, H)
-        share = {}
-        for h in range(1, H + 1):
-            d, c, r = (float(m[:, h - 1].mean()) for m in (mse, mse_copy, mse_codec))
-            share[h] = (c - d) / (c - r) if c > r else float("nan")
-        out["configs"][name] = {"psnr": {h: pooled_psnr_of_mse(mse[:, h - 1]) for h in range(1, H + 1)},
-                                "share_of_reachable": share, "seconds": time.perf_counter() - t0}
+        out["configs"][name] = {
+            "psnr": {h: pooled_psnr_of_mse(mse[:, h - 1]) for h in range(1, H + 1)},
+            "share_of_reachable": {h: share_of_reachable(mse[:, h - 1], mse_copy[:, h - 1], mse_codec[:, h - 1])
+                                   for h in range(1, H + 1)},
+            "seconds": time.perf_counter() - t0}
     return out

@@ -31,7 +31,7 @@ from engine.actions import Action
 from engine.classic_game import ClassicConfig
 from engine.source import FrameSource
 from world_model.eval_metrics import (frame_mse, frechet_distance, mean_finite, pooled_psnr, pooled_psnr_of_mse,
-                                      psnr, quality_score, ssim)
+                                      psnr, quality_score, share_of_reachable, ssim)
 from world_model.eval_probes import (ACTION_CLASSES, Probes, action_class, collect_real, effective_pairs,
                                      explorer_for)
 from world_model.samplers import StreamSampler
@@ -124,12 +124,11 @@ def by_action_group(groups: np.ndarray, mse: np.ndarray, mse_copy: np.ndarray,
         m = groups == name
         if not m.any():
             continue
-        d, c, r = float(mse[m].mean()), float(mse_copy[m].mean()), float(mse_ceiling[m].mean())
         pd, pc = pooled_psnr_of_mse(mse[m]), pooled_psnr_of_mse(mse_copy[m])
         out[name] = {"positions": int(m.sum()), "psnr_pooled": pd, "copy_last_pooled": pc,
                      "codec_ceiling_pooled": pooled_psnr_of_mse(mse_ceiling[m]),
                      "gain_over_copy_last_db_pooled": pd - pc,
-                     "share_of_reachable": (c - d) / (c - r) if c > r else float("nan")}
+                     "share_of_reachable": share_of_reachable(mse[m], mse_copy[m], mse_ceiling[m])}
     return out
 
 
