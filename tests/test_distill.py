@@ -244,9 +244,9 @@ def test_truth_loss_targets_the_recorded_frames(data: Path, teacher: Path, tmp_p
 
 
 def test_real_anchor_reads_the_recorded_history_not_the_rollout(data: Path, teacher: Path, tmp_path: Path) -> None:
-    """real_weight: the truth loss after the *recorded* context frames. It is logged beside the
-    truth loss, changes with the recorded history (which the truth loss never sees after the
-    context) and counts in the total with its weight."""
+    """real_weight: the truth loss after the *recorded* stream instead of the rollout's. It is
+    logged beside the truth loss, equals that loss computed by hand on the recorded histories
+    (which differ from the rollout's after the first frame) and counts in the total with its weight."""
     stage = DistillStageConfig(**{**STAGE.__dict__, "dmd_weight": 0.0, "truth_weight": 1.0, "real_weight": 0.5,
                                   "truth_frames": 2, "p_causal": 0.0})
     task = DistillTask(stage, teacher, data, tmp_path, DEFAULT_SCHEMA, seed=2)
