@@ -49,13 +49,16 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
     out = tmp_path / "bench.md"
     rc = bench.main([f"checkpoint={tiny_ckpt}", "frames=10", "warmup=2", "teacher_frames=3", "threads=1",
                      "sampler.teacher_steps=3", "peak_seconds=0.002", f"out={out}", "append=true",
-                     "producer_frames=6", "producer_blocks=2", "rebind=[2]"])
+                     "producer_frames=6", "producer_blocks=2", "rebind=[2]", "prior=[0.2]"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)          # ONE JSON object on stdout
     # rebind: 2 more forwards on a tick whose control changed; of the 10 timed ticks (2-11) the
     # key script changes it on one (tick 10 presses turn right)
     rb = res["samplers"].pop("rolling_rebind2")
     assert rb["forwards_per_frame"] == 1.2 and rb["input_to_photon"]["full_effect_frames"] == 1
+    # the turn prior: no pure turn in ticks 2-11 (they come at 30-39), so plain rolling cost
+    pr = res["samplers"].pop("rolling_prior0.2")
+    assert pr["forwards_per_frame"] == 1.0 and pr["sampler"]["prior_t"] == 0.2
     for key in ("machine", "accel", "model", "renderer", "peak_gflops", "classic", "samplers", "fold_rerun",
                 "memory", "frames", "warmup"):
         assert key in res, key

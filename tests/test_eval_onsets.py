@@ -12,6 +12,7 @@ from world_model.dit import ModelConfig, WorldDiT
 from world_model.eval_report import _held_section, _onset_section, held_columns
 from world_model.eval_streams import Session, decode_frames
 from world_model.samplers import SamplerConfig, make_sampler
+from world_model.view_warp import Camera
 
 
 def _controls(turns: list[float]) -> np.ndarray:
@@ -109,6 +110,23 @@ def test_held_turns_score_against_a_frozen_picture_and_the_codec(parts: tuple[Fr
     best = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3))["configs"]["rolling"]
     assert best["psnr"] == pytest.approx(out["codec_ceiling"])
     assert all(x == pytest.approx(1.0) for x in best["share_of_reachable"].values())
+    # the visible region (with a camera): the same two dreams score its copy-last and ceiling, and a
+    # dream that is the frame before the onset rotated by the recorded turn scores rotated-last
+    cam = Camera(fov_deg=66.0, turn_deg=4.0)
+    vis = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3), camera=cam)
+    assert vis["configs"]["rolling"]["psnr_visible"] == pytest.approx(vis["codec_ceiling_visible"])
+    assert vis["codec_ceiling_visible"] != pytest.approx(vis["copy_last_visible"])
+    monkeypatch.setattr(eo, "_dream", lambda codec, sampler, s, u, p, h, seed: np.broadcast_to(
+        s.frames[p - 1], (h, *s.frames.shape[1:])).copy())
+    vis = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3), camera=cam)
+    assert vis["configs"]["rolling"]["psnr_visible"] == pytest.approx(vis["copy_last_visible"])
+    share = [vis["visible_share"][h] for h in (1, 2, 3)]
+    assert 1.0 > share[0] > share[1] > share[2] > 0.7                    # 4 degrees of 66 per frame
+    monkeypatch.setattr(eo, "_dream", lambda codec, sampler, s, u, p, h, seed: eo._rotated_last(
+        s.frames[p - 1], np.cumsum(s.controls[p:p + h, eo.TURN]) * 4.0, cam))
+    rot = eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=3), camera=cam)
+    assert rot["configs"]["rolling"]["psnr_visible"] == pytest.approx(rot["rotated_last_visible"])
+    assert rot["configs"]["rolling"]["psnr"] == pytest.approx(rot["rotated_last"])
     # the turns last 4 frames: none is held 5; held=0 switches the section off
     assert eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=5))["positions"] == 0
     assert eo.held_turn_metrics(codec, samplers, [s], eo.OnsetConfig(positions=8, held=0))["configs"] == {}
@@ -127,3 +145,11 @@ def test_held_section_in_markdown() -> None:
     assert _held_section(None) == [] and _held_section({**ht, "horizon": 0}) == []
     assert "No held turns" in "\n".join(_held_section({**ht, "positions": 0, "configs": {}}))
     assert held_columns(16) == [1, 2, 4, 8, 12, 16] and held_columns(6) == [1, 2, 4, 6]
+    assert "visible region" not in text
+    hv = {**ht, "rotated_last": {"1": 25.0, "2": 23.0, "3": 21.0}, "visible_share": {"1": 0.9, "2": 0.8, "3": 0.7},
+          **{k: {"1": 22.0, "2": 21.0, "3": 20.0} for k in
+             ("copy_last_visible", "codec_ceiling_visible", "rotated_last_visible")}}
+    hv["configs"] = {"rolling": {**ht["configs"]["rolling"], "psnr_visible": {"1": 24.0, "2": 23.5, "3": 23.0}}}
+    text = "\n".join(_held_section(hv))
+    assert "| rotated-last | 25.00 | 23.00 | 21.00 | - | - | - |" in text and "visible region" in text
+    assert "| visible share | 0.90 | 0.80 | 0.70 |" in text and "| rolling | 24.00 | 23.50 | 23.00 |" in text

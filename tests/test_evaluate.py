@@ -262,7 +262,7 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     for key in ("codec", "teacher_forced", "rollout", "probes", "drift", "theme_retention",
                 "action_faithfulness", "latency", "timing_seconds", "samplers", "onsets"):
         assert key in saved, key
-    names = ["rolling", "rolling_nosink", "rolling_nolate", "rolling_ctx0", "causal", "teacher"]
+    names = ["rolling", "rolling_nosink", "rolling_nolate", "rolling_ctx0", "rolling_noprior", "causal", "teacher"]
     assert saved["recorded_seeds"] == [100000] and saved["seeds"] == [100000, 100001]
     assert saved["recorded_with_other_game_config"] == []
     assert saved["samplers"]["rolling_nosink"]["sink_frames"] == 0
@@ -310,6 +310,8 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     # the turn at frame 88 is held longer than quick's 4 frames
     assert saved["held_turns"]["horizon"] == 4 and "## Held turns" in md
     assert saved["held_turns"]["positions"] > 0 and set(saved["held_turns"]["configs"]) == set(names)
+    assert 0.0 < saved["held_turns"]["visible_share"]["4"] < saved["held_turns"]["visible_share"]["1"] < 1.0
+    assert "visible region" in md and all("psnr_visible" in v for v in saved["held_turns"]["configs"].values())
     assert "PSNR pooled dB" in md and "| 8 pooled |" in md and "n/a (one bin)" not in md
     assert "not streamed twice" in md and "rolling_ctx0 = rolling" in md
     assert md.count("| codec (real frames encoded + decoded) |") == 3 and "through the codec" in md

@@ -57,6 +57,7 @@ class BenchConfig:
     threads: int = 2                     # torch intra-op threads; 0 = leave torch's default
     fold_compare: bool = True            # also run every sampler with fold_rerun=False
     rebind: list[int] = field(default_factory=list)  # also run rolling with each sampler.rebind r
+    prior: list[float] = field(default_factory=list)  # also run rolling with each sampler.prior_t (turn prior)
     present: bool = True                 # time texture upload + present (EGL offscreen) when available
     window_scale: int = 8                # offscreen framebuffer = resolution * window_scale
     device: str = "cpu"                  # cpu | cuda | auto
@@ -84,7 +85,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
                                 "teacher_frames": cfg.teacher_frames >= 0, "scaling_frames": cfg.scaling_frames >= 1,
                                 "producer_frames": cfg.producer_frames >= 2, "producer_blocks": cfg.producer_blocks >= 1,
                                 "device": cfg.device in ("cpu", "cuda", "auto"),
-                                "rebind": all(r >= 1 for r in cfg.rebind)})
+                                "rebind": all(r >= 1 for r in cfg.rebind),
+                                "prior": all(0.0 < t <= 1.0 for t in cfg.prior)})
     to_dataclass(SamplerConfig, cfg.sampler, "bench sampler").validate()
     return cfg
 
@@ -151,10 +153,11 @@ def build_world(cfg: BenchConfig) -> World:
 
 # ----------------------------------------------------------------------------- the frame pipeline
 def _key_script() -> dict[int, list[tuple[str, str]]]:
-    """A 60-tick cycle of key presses (forward held, turns, run): (down|up, key name) per tick."""
+    """A 60-tick cycle of key presses (forward held, a turn while walking, a turn standing still,
+    run, strafe): (down|up, key name) per tick."""
     return {0: [("down", "w")], 10: [("down", "e")], 20: [("up", "e"), ("down", "left shift")],
-            30: [("down", "q")], 40: [("up", "q"), ("up", "left shift")], 50: [("up", "w"), ("down", "a")],
-            55: [("up", "a")]}
+            30: [("up", "w"), ("down", "q")], 40: [("up", "q"), ("up", "left shift"), ("down", "w")],
+            50: [("up", "w"), ("down", "a")], 55: [("up", "a")]}
 
 
 class Variant:
@@ -303,6 +306,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             scfg = resolve_sampler_config(world.sampler_defaults, cfg.sampler, {"name": "rolling", "rebind": rb})
             variants.append(Variant(f"rolling_rebind{rb}", Stream(world, scfg), cfg.frames, cfg.warmup,
                                     world, renderer, tracer, cfg.seed))   # on ~12% of ticks: p95 shows it
+        for pt in cfg.prior if "rolling" in cfg.samplers else []:   # ticks 30-39 of 60 are pure turns
+            scfg = resolve_sampler_config(world.sampler_defaults, cfg.sampler, {"name": "rolling", "prior_t": pt})
+            variants.append(Variant(f"rolling_prior{pt:g}", Stream(world, scfg), cfg.frames, cfg.warmup,
+                                    world, renderer, tracer, cfg.seed))
         variants.append(Variant("classic", None, cfg.frames, cfg.warmup, world, renderer, tracer, cfg.seed))
         try:
             for v in variants:

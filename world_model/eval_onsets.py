@@ -22,6 +22,13 @@ that long. Per h: pooled PSNR and the share of reachable (copy-last's MSE above 
 that the dream removes: 0 = a frozen picture, 1 = as good as the codec allows). The onset
 response says whether a turn *starts*; this says whether it goes on turning, which is where
 the dream fails (docs/evaluation.md, "Held turns").
+
+A held turn brings in a strip of the world no earlier frame showed (after 16 frames of 4
+degrees nearly the whole 66-degree view); no predictor can know it, so the codec ceiling is
+out of reach there. With the game's ``camera`` the section also reports the **visible
+region**: the columns of frame p+h-1 whose rays frame p-1 already had (``view_warp``), their
+share of the frame, PSNR over them only, and one more baseline, **rotated-last** (frame p-1
+rotated by the summed recorded turn: what geometry alone predicts).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import torch
 from world_model.eval_metrics import frame_mse, pooled_psnr, pooled_psnr_of_mse, share_of_reachable
 from world_model.eval_streams import Session, decode_frames, dream_from_context
 from world_model.samplers import StreamSampler
+from world_model.view_warp import Camera, rotate_view, visible_columns
 
 TURN = 2  # column of ``turn`` in the (T, 4) controls: move, strafe, turn, run
 
@@ -121,11 +129,34 @@ def onset_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], se
     return out
 
 
+def _masked_mse(a: np.ndarray, b: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(n, H) MSE over the columns ``cols`` (n, H, W_px) bool of frames a, b (n, H, H_px, W_px, 3)."""
+    d = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    w = cols[:, :, None, :, None].astype(np.float64)                          # (n, H, 1, W_px, 1)
+    num = (d * w).sum(axis=(2, 3, 4))
+    den = w.sum(axis=(2, 3, 4)) * a.shape[2] * a.shape[4]
+    return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def _pooled_visible(mse: np.ndarray) -> float:
+    """Pooled PSNR of the finite entries of (n,) masked MSEs (NaN: nothing visible)."""
+    m = mse[np.isfinite(mse)]
+    return pooled_psnr_of_mse(m) if m.size else float("nan")
+
+
+def _rotated_last(frame: np.ndarray, deg: np.ndarray, camera: Camera) -> np.ndarray:
+    """Frame (H_px, W_px, 3) uint8 rotated by each of ``deg`` (H,) degrees -> (H, H_px, W_px, 3)."""
+    x = torch.from_numpy(frame).permute(2, 0, 1).float()[None].expand(len(deg), -1, -1, -1)
+    r = rotate_view(x, torch.from_numpy(deg).float(), camera.fov_deg)         # (H, 3, H_px, W_px)
+    return r.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def held_turn_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler], sessions: list[Session],
-                      cfg: OnsetConfig, seed: int = 0) -> dict[str, Any]:
+                      cfg: OnsetConfig, seed: int = 0, camera: Optional[Camera] = None) -> dict[str, Any]:
     """Held turns: onsets whose turn lasts ``cfg.held`` frames, dreamed that long under the recorded
     controls -> positions, copy-last / codec ceiling by h, per config pooled PSNR and share of
-    reachable by h (MSE pooled over the onsets)."""
+    reachable by h (MSE pooled over the onsets). With ``camera``: ``visible_share``,
+    ``rotated_last`` (whole frame), ``*_visible`` PSNRs over the visible region (module doc)."""
     H = cfg.held
     if H < 0:
         raise ValueError(f"onsets: held must be >= 0 (0 = off), got {H}")
@@ -138,14 +169,34 @@ def held_turn_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler]
     mse_codec = np.stack([frame_mse(s.recon[p:p + H], t) for (s, p), t in zip(idx, truth)])   # (n, H) each
     out["copy_last"] = {h: pooled_psnr_of_mse(mse_copy[:, h - 1]) for h in range(1, H + 1)}
     out["codec_ceiling"] = {h: pooled_psnr_of_mse(mse_codec[:, h - 1]) for h in range(1, H + 1)}
+    hs = range(1, H + 1)
+    cols = None
+    if camera is not None:
+        # summed recorded turn (degrees) up to each frame of each onset: (n, H)
+        deg = np.stack([np.cumsum(s.controls[p:p + H, TURN]) * camera.turn_deg for s, p in idx])
+        W_px = truth.shape[3]
+        cols = visible_columns(torch.from_numpy(deg.reshape(-1)), W_px, camera.fov_deg).numpy().reshape(
+            len(idx), H, W_px)                                                  # (n, H, W_px)
+        rot = np.stack([_rotated_last(s.frames[p - 1], d, camera) for (s, p), d in zip(idx, deg)])
+        copy = np.stack([np.broadcast_to(s.frames[p - 1], t.shape) for (s, p), t in zip(idx, truth)])
+        codec_v = _masked_mse(np.stack([s.recon[p:p + H] for s, p in idx]), truth, cols)
+        rot_all = np.stack([frame_mse(r, t) for r, t in zip(rot, truth)])       # (n, H)
+        for key, m in (("copy_last_visible", _masked_mse(copy, truth, cols)), ("codec_ceiling_visible", codec_v),
+                       ("rotated_last_visible", _masked_mse(rot, truth, cols))):
+            out[key] = {h: _pooled_visible(m[:, h - 1]) for h in hs}
+        out["rotated_last"] = {h: pooled_psnr_of_mse(rot_all[:, h - 1]) for h in hs}
+        out["visible_share"] = {h: float(cols[:, h - 1].mean()) for h in hs}
     ctrl = {s.seed: torch.from_numpy(s.controls) for s in sessions}
     for name, sampler in samplers.items():
         t0 = time.perf_counter()
-        mse = np.stack([frame_mse(_dream(codec, sampler, s, ctrl[s.seed], p, H, seed), t)
-                        for (s, p), t in zip(idx, truth)])                       # (n, H)
-        out["configs"][name] = {
-            "psnr": {h: pooled_psnr_of_mse(mse[:, h - 1]) for h in range(1, H + 1)},
+        dreams = np.stack([_dream(codec, sampler, s, ctrl[s.seed], p, H, seed) for s, p in idx])  # like truth
+        mse = np.stack([frame_mse(d, t) for d, t in zip(dreams, truth)])        # (n, H)
+        res: dict[str, Any] = {
+            "psnr": {h: pooled_psnr_of_mse(mse[:, h - 1]) for h in hs},
             "share_of_reachable": {h: share_of_reachable(mse[:, h - 1], mse_copy[:, h - 1], mse_codec[:, h - 1])
-                                   for h in range(1, H + 1)},
-            "seconds": time.perf_counter() - t0}
+                                   for h in hs}}
+        if cols is not None:
+            mv = _masked_mse(dreams, truth, cols)
+            res["psnr_visible"] = {h: _pooled_visible(mv[:, h - 1]) for h in hs}
+        out["configs"][name] = {**res, "seconds": time.perf_counter() - t0}
     return out

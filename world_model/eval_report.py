@@ -110,11 +110,20 @@ def _held_section(ht: dict[str, Any] | None) -> list[str]:
         return head + ["No held turns in these sessions.", ""]
     hs = [str(h) for h in held_columns(ht["horizon"])]
     get = lambda d, h: (d or {}).get(h, (d or {}).get(int(h)))
-    rows = [[label, *[get(ht[key], h) for h in hs], *["-"] * len(hs)]
-            for label, key in (("copy-last", "copy_last"), ("codec ceiling", "codec_ceiling"))]
+    base = [("copy-last", "copy_last"), ("codec ceiling", "codec_ceiling"), ("rotated-last", "rotated_last")]
+    rows = [[label, *[get(ht[key], h) for h in hs], *["-"] * len(hs)] for label, key in base if key in ht]
     rows += [[n, *[get(v["psnr"], h) for h in hs], *[get(v["share_of_reachable"], h) for h in hs]]
              for n, v in ht["configs"].items()]
-    return head + _table(["", *[f"h={h} PSNR" for h in hs], *[f"h={h} share" for h in hs]], rows)
+    out = head + _table(["", *[f"h={h} PSNR" for h in hs], *[f"h={h} share" for h in hs]], rows)
+    if "visible_share" not in ht:                 # no camera (reports before session 12)
+        return out
+    out += [("The visible region: columns of frame h whose rays the frame before the onset already had "
+             "(the rest is new to the view: no predictor can know it). Rotated-last = that frame turned "
+             "by the recorded turn (geometry alone). PSNR over the visible region:"), ""]
+    rows = [["visible share", *[get(ht["visible_share"], h) for h in hs]]]
+    rows += [[label, *[get(ht[key + "_visible"], h) for h in hs]] for label, key in base]
+    rows += [[n, *[get(v.get("psnr_visible"), h) for h in hs]] for n, v in ht["configs"].items()]
+    return out + _table(["", *[f"h={h}" for h in hs]], rows)
 
 
 def _drift_section(dr: dict[str, Any]) -> list[str]:

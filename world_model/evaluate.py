@@ -1,7 +1,7 @@
 """Evaluation entry point (hydra): how close is the dream to the classic game?
 
     python -m world_model.evaluate checkpoint=PATH out=DIR [heldout=runs/data/heldout] [seeds=[...]]
-        [minutes=10] [fps=30] [configs=[rolling,rolling_nosink,rolling_nolate,rolling_ctx0,causal,teacher]] [quick=true]
+        [minutes=10] [fps=30] [configs=[rolling,rolling_nosink,rolling_nolate,rolling_ctx0,rolling_noprior,causal,teacher]] [quick=true]
 
 Writes ``out/eval.json``, ``out/eval.md`` and PNG plots; see docs/evaluation.md for what every
 number is. All worlds evaluated are held-out seeds (>= ``heldout_seed0``); the probes train on
@@ -36,7 +36,7 @@ from world_model.eval_probes import ACTION_CLASSES, ProbeConfig, Probes, collect
 from world_model.eval_report import markdown, write_plots
 from world_model.eval_streams import (Session, decode_frames, floor_reference, from_context_metrics, measure_latency,
                                       roundtrip_frames, run_drift_stream, summarize_drift)
-from world_model.neural_world import NeuralConfig, NeuralWorld, classic_config_for
+from world_model.neural_world import NeuralConfig, NeuralWorld, camera_for, classic_config_for, turn_prior_for
 from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -47,6 +47,7 @@ def _variants() -> dict[str, dict[str, Any]]:
             "rolling_nolate": {"name": "rolling", "late_binding": False},
             "rolling_ctx0": {"name": "rolling", "context_t": 0.0},
             "rolling_rebind": {"name": "rolling", "rebind": 3},
+            "rolling_noprior": {"name": "rolling", "prior_t": 0.0},
             "causal": {"name": "causal"}, "teacher": {"name": "teacher"}}
 
 
@@ -291,12 +292,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "frames_per_session": [len(s.frames) for s in sessions], "quick": cfg.quick,
         "samplers": {n: to_plain(s) for n, s in scfgs.items()}, "config": to_plain(cfg)}
     report["codec"] = timed("codec", lambda: eval_codec(sessions, cfg.codec_frames))
-    samplers = {n: make_sampler(ckpt.dit, s) for n, s in scfgs.items()}
+    samplers = {n: make_sampler(ckpt.dit, s, turn_prior_for(ckpt, ckpt.codec, s)) for n, s in scfgs.items()}
     report["teacher_forced"], report["rollout"] = timed("teacher_forced+rollout", lambda: from_context_metrics(
         ckpt.codec, samplers, sessions, cfg.horizons, cfg.tf_positions, cfg.rollout_positions, cfg.seed))
     report["onsets"] = timed("onsets", lambda: onset_metrics(ckpt.codec, samplers, sessions, cfg.onsets, cfg.seed))
     report["held_turns"] = timed("held_turns", lambda: held_turn_metrics(ckpt.codec, samplers, sessions,
-                                                                         cfg.onsets, cfg.seed))
+                                                                         cfg.onsets, cfg.seed, camera_for(ckpt)))
     probes = timed("probes", lambda: train_probes(cfg.probes, classic, cfg.probe_dir or out / "probes"))
     report["probes"] = {**heldout_accuracy(probes, [(s.frames, s.controls, s.theme) for s in sessions]),
                         **probes.info}

@@ -31,6 +31,7 @@ from engine.source import Sensors
 from world_model.accel import FrameStager, WindowStep, prepare_for_device
 from world_model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, read_config
 from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
+from world_model.view_warp import Camera, TurnPrior
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default"
 
@@ -66,6 +67,17 @@ def classic_config_for(ckpt: LoadedCheckpoint) -> ClassicConfig:
     return cfg
 
 
+def camera_for(ckpt: LoadedCheckpoint) -> Camera:
+    """The camera of the checkpoint's classic game (field of view, degrees per unit of turn)."""
+    c = classic_config_for(ckpt)
+    return Camera(fov_deg=c.fov_deg, turn_deg=c.turn_deg)
+
+
+def turn_prior_for(ckpt: LoadedCheckpoint, codec: torch.nn.Module, cfg: SamplerConfig) -> Optional[TurnPrior]:
+    """The turn prior a sampler config asks for (``prior_t`` > 0), else None."""
+    return TurnPrior(codec, camera_for(ckpt)) if cfg.prior_t > 0 else None
+
+
 class NeuralWorld:
     """A FrameSource whose frames come from a diffusion world model."""
 
@@ -92,7 +104,8 @@ class NeuralWorld:
         self.dit, self.codec, self.dtype = prepare_for_device(self.ckpt.dit, self.ckpt.codec, self.device)
         h, w = (int(v) for v in self.ckpt.config["resolution"])
         self.resolution = (h, w)
-        self.sampler = make_sampler(WindowStep(self.dit, cfg.accel), cfg.sampler)
+        self.sampler = make_sampler(WindowStep(self.dit, cfg.accel), cfg.sampler,
+                                    turn_prior_for(self.ckpt, self.codec, cfg.sampler))
         self.stager = FrameStager(self.codec)
         s = cfg.sampler
         self.context_frames = cfg.context_frames or (s.sink_frames + s.cache_frames)

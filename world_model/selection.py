@@ -10,7 +10,9 @@ noise (``context_t``) of the rolling sampler depends on how a checkpoint was tra
 So the pipeline does not trust either; it streams each (checkpoint, ``context_t``) pair
 with the rolling sampler on **validation** worlds (seeds the evaluation never uses:
 the evaluation takes the first held-out seeds, 100000-100004 by default) and exports
-the best pair's checkpoint with that ``context_t`` as its sampler default.
+the best pair's checkpoint with that ``context_t`` as its sampler default. Every pair
+streams with ``sampler`` (by default the turn prior, ``prior_t=0.15``), and the winner is
+exported with it.
 
 The score of a pair is the sum of three numbers in [0, 1], each averaged over the
 streams: mean theme retention over the bins, mean quality score over the bins / 100,
@@ -49,6 +51,9 @@ class SelectConfig:
     weights: str = "float16"                               # storage dtype of the exported winner
     threads: int = 2
     eval: dict[str, Any] = field(default_factory=dict)     # evaluate overrides on top of SWEEP
+    # SamplerConfig fields every pair streams with and the winner is exported with (the turn
+    # prior: +0.13 on the score of the shipped checkpoint, docs/world_model.md); {} = none
+    sampler: dict[str, Any] = field(default_factory=lambda: {"prior_t": 0.15})
 
 
 def override_value(v: Any) -> str:
@@ -71,8 +76,8 @@ def eval_overrides(cfg: SelectConfig, candidate: str, out: Path) -> list[str]:
             f"probe_dir={Path(cfg.out) / 'probes'}", f"configs={override_value(names)}"]
     args += [f"{k}={override_value(v)}" for k, v in sweep.items()]
     for name, t in zip(names, cfg.context_t):
-        variant = "{name:rolling}" if t is None else f"{{name:rolling,context_t:{t}}}"
-        args.append(f"+variants.{name}={variant}")
+        fields = {"name": "rolling", **cfg.sampler, **({} if t is None else {"context_t": t})}
+        args.append(f"+variants.{name}={{" + ",".join(f"{k}:{override_value(v)}" for k, v in fields.items()) + "}")
     return args
 
 
@@ -124,7 +129,7 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                          **score(drift[f"ctx{i}"])})
     winner = max(range(len(rows)), key=lambda i: (rows[i]["score"], -i))   # ties: the earlier row
     best = rows[winner]
-    sampler = {} if best["context_t"] is None else {"context_t": best["context_t"]}
+    sampler = {**cfg.sampler, **({} if best["context_t"] is None else {"context_t": best["context_t"]})}
     exported = export(ExportConfig(src=best["candidate"], dst=cfg.dst, weights=cfg.weights, sampler=sampler))
     result = {"rows": rows, "selected": best, "export": exported, "seeds": cfg.seeds}
     atomic_write_bytes(out / "select.json", json.dumps(result, indent=1, default=str).encode())

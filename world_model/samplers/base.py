@@ -31,6 +31,7 @@ Randomness comes only from the generator given to ``start``.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -42,7 +43,8 @@ from .. import masks
 from ..attention import prepare_mask
 from ..dit import WorldDiT, prev_inputs
 from ..kv_cache import KVCache
-from ..schedule import renoise
+from ..schedule import eps_from_v, euler_levels, renoise, x0_from_v
+from ..view_warp import TurnPrior
 
 
 @dataclass
@@ -67,6 +69,11 @@ class SamplerConfig:
     # gives a new action only the emitted frame's last, cleanest step (docs/world_model.md)
     rebind: int = 0
     rebind_min_change: float = 0.25  # largest |control difference| that counts as a change
+    # a frame whose control is a pure turn starts its denoising at this level from the last frame
+    # rotated by the turn (world_model/view_warp.py) instead of from pure noise, alone, in
+    # ceil(steps * prior_t) steps (rolling: the window is dropped and refilled after the turn);
+    # 0 = off. Needs a TurnPrior (make_sampler's prior)
+    prior_t: float = 0.0
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -86,6 +93,8 @@ class SamplerConfig:
                              f"late_binding={self.late_binding})")
         if not 0.0 <= self.guidance_min_t <= 1.0:
             raise ValueError(f"sampler.guidance_min_t must be in [0, 1], got {self.guidance_min_t}")
+        if not 0.0 <= self.prior_t <= 1.0:
+            raise ValueError(f"sampler.prior_t must be in [0, 1], got {self.prior_t}")
 
 
 def resolve_sampler_config(checkpoint_defaults: Mapping[str, Any] | None,
@@ -329,10 +338,15 @@ class RecomputeHistory(History):
 class StreamSampler(ABC):
     """start(context) once, then step(control) -> one new clean latent (C, h, w) per call."""
 
-    def __init__(self, model: WorldDiT, cfg: SamplerConfig) -> None:
+    def __init__(self, model: WorldDiT, cfg: SamplerConfig, prior: TurnPrior | None = None) -> None:
         cfg.validate()
+        if cfg.prior_t > 0 and prior is None:
+            raise ValueError("sampler.prior_t > 0 needs a turn prior (a codec and a camera): "
+                             "build the sampler with make_sampler(..., prior=TurnPrior(...))")
         self.model = model
         self.cfg = cfg
+        self.prior = prior if cfg.prior_t > 0 else None
+        self._last_clean: Tensor | None = None     # the newest clean frame (C, h, w): the prior's input
         self.history: History = (CachedHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun)
                                   if cfg.use_cache else RecomputeHistory(model, cfg.sink_frames, cfg.cache_frames))
         self.generator: torch.Generator | None = None
@@ -381,6 +395,7 @@ class StreamSampler(ABC):
 
     def _commit(self, x0: Tensor, control: Tensor) -> None:
         """Write a clean frame (C, h, w) to the history, at noise context_t (noise drawn now)."""
+        self._last_clean = x0
         lv = self.cfg.context_t
         x = renoise(x0, lv, self._noise(*x0.shape)) if lv > 0 else x0
         self.history.commit(x, lv, control)
@@ -399,6 +414,7 @@ class StreamSampler(ABC):
         self._dev, self._dt = self.device, self.dtype
         context = context.to(self._dev, self._dt)
         controls = controls.to(self._dev, self._dt)
+        self._last_clean = None
         for i in range(context.shape[0]):
             self._commit(context[i], controls[i])
         last = controls[-1] if controls.shape[0] else torch.zeros(self.model.cfg.control_dim,
@@ -416,6 +432,45 @@ class StreamSampler(ABC):
 
     def _warm_up(self, control: Tensor) -> None:
         """Fill the denoising pipeline after ``start`` (nothing by default)."""
+
+    @property
+    def ode(self) -> bool:
+        """Whether steps re-noise with the predicted noise (deterministic ODE) instead of fresh noise."""
+        return self.cfg.renoise == "ode"
+
+    def _prior_applies(self, control: Tensor) -> bool:
+        return self.prior is not None and self._last_clean is not None and self.prior.applies(control)
+
+    def _prior_levels(self, steps: int) -> Tensor:
+        """(n + 1,) levels prior_t .. 0 of a frame started from the prior: n = ceil(steps * prior_t)."""
+        n = max(1, math.ceil(steps * self.cfg.prior_t))
+        return euler_levels(n, self.cfg.shift) * self.cfg.prior_t
+
+    def _from_prior(self, control: Tensor, prior_levels: Tensor) -> Tensor:
+        """One frame from the last clean frame rotated by ``control``'s turn, put at level
+        prior_levels[0] (= prior_t) and denoised alone (``_denoise_alone``). Returns (C, h, w)."""
+        assert self.prior is not None and self._last_clean is not None
+        lv = prior_levels.to(self._dev, self._dt)
+        x = renoise(self.prior(self._last_clean, control), lv[0], self._noise(*self._last_clean.shape))
+        return self._denoise_alone(x[None], lv, control)
+
+    def _denoise_alone(self, x: Tensor, lv: Tensor, control: Tensor) -> Tensor:
+        """Frame x (1, C, h, w) at level lv[0] denoised alone (attending to the history) through the
+        levels lv (n + 1,) down to 0: x0 prediction, then re-noised to the next level (fresh noise,
+        or the predicted noise when ``ode``). The clean frame is written to the history; returns it (C, h, w)."""
+        u = control[None]                                                  # (1, 4)
+        x0 = x
+        n = lv.shape[0] - 1
+        for i in range(n):
+            t = lv[i:i + 1]                                                # (1,)
+            v = self._velocity(x, t, u)                                    # (1, C, h, w)
+            x0 = x0_from_v(x, t[:, None, None, None], v)
+            if i + 1 < n:                                                  # the last level is 0: x0 is final
+                eps = eps_from_v(x, t[:, None, None, None], v) if self.ode else self._noise(*x.shape)
+                x = renoise(x0, lv[i + 1], eps)
+        out = x0[0]                                                        # (C, h, w)
+        self._commit(out, control)
+        return out
 
     @abstractmethod
     def _step(self, control: Tensor) -> Tensor: ...

@@ -26,6 +26,10 @@ Attention inside the window is bidirectional; the window sees the history
   W-1 frames later. When the control changes (by ``rebind_min_change``), the
   window's frames are first raised r levels (fresh noise, ``raise_level``) and
   denoised back down under the new control: r more forwards on that tick only.
+* Turn prior (``prior_t`` > 0, ``world_model/view_warp.py``): a step whose control is a pure
+  turn drops the window and makes its frame alone from the last frame rotated by the turn, at
+  level ``prior_t`` (``StreamSampler._from_prior``); the first step after the turn refills the
+  window (W-1 more forwards on that tick, like the warm-up).
 * The emitted frame's clean K/V enter the history (``fold_rerun`` folds that
   rerun into the next forward; see ``base.CachedHistory``).
 """
@@ -36,13 +40,15 @@ from torch import Tensor
 
 from ..dit import WorldDiT
 from ..schedule import eps_from_v, raise_level, renoise, rolling_bands, x0_from_v
+from ..view_warp import TurnPrior
 from .base import SamplerConfig, StreamSampler
 
 
 class RollingSampler(StreamSampler):
-    def __init__(self, model: WorldDiT, cfg: SamplerConfig) -> None:
-        super().__init__(model, cfg)
+    def __init__(self, model: WorldDiT, cfg: SamplerConfig, prior: TurnPrior | None = None) -> None:
+        super().__init__(model, cfg, prior)
         self.W = cfg.steps
+        self.prior_levels = self._prior_levels(self.W)             # (n + 1,) prior_t .. 0
         self.levels, self.lower = rolling_bands(self.W, cfg.shift)  # (W,) increasing, back = 1.0; band bottoms
         self._levels, self._lower = self.levels, self.lower       # on the stream's device/dtype (_warm_up)
         c = model.cfg
@@ -65,6 +71,13 @@ class RollingSampler(StreamSampler):
             assert emitted is None
 
     def _step(self, control: Tensor) -> Tensor:
+        if self._prior_applies(control):
+            # A pure turn with a turn prior: the window's frames were laid out under earlier
+            # controls; drop them and make this frame alone from the turned last frame.
+            self.x, self.u = self.x[:0], self.u[:0]
+            return self._from_prior(control, self.prior_levels)
+        while self.x.shape[0] < self.W - 1:                                      # refill after a turn
+            self._advance(control)
         out = self._advance(control)
         assert out is not None
         return out

@@ -1,0 +1,91 @@
+"""A geometric prior for turning: the last frame rotated by the commanded turn.
+
+Why: held turns are where the dream fails (docs/evaluation.md, "Held turns"). A turn of the
+first-person camera moves every pixel, and the network's one-step error compounds over a
+turn; but a pure rotation of a pinhole (or ray-cast) camera needs no learning: the part of
+the new view that was already visible is the old frame resampled. This is the "render,
+refine, repeat" idea of view-synthesis models (Infinite Nature, Liu et al. 2021): warp the
+last frame by the known camera motion, let the generator refine it and fill in what was
+not visible (the strip entering at the edge). ``TurnPrior`` makes the warped frame; the
+causal sampler starts a turning frame's denoising from it at a low noise level
+(``SamplerConfig.prior_t``) instead of from pure noise.
+
+Geometry (the classic game's camera, ``engine.classic_game``): column x of a W-wide frame
+looks along angle ``atan(c_x)`` off the view direction, c_x = ((x + 0.5) 2 / W - 1) tan(fov / 2).
+Turning right by d makes new column x' see the ray the old frame had at angle
+``atan(c_x') + d``. Wall and floor heights scale with 1 / (perpendicular distance), which
+changes by cos(old angle) / cos(new angle), so each column is also stretched vertically about
+the horizon. Translation is not modelled (walking needs depth): frames that also walk or
+strafe are left to the network.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TURN, MOVE, STRAFE = 2, 0, 1  # columns of the (4,) control: move, strafe, turn, run
+
+
+@dataclass
+class Camera:
+    fov_deg: float = 66.0     # horizontal field of view
+    turn_deg: float = 4.0     # degrees turned per tick at turn = 1 (positive: right)
+
+    def validate(self) -> None:
+        if not (1.0 <= self.fov_deg <= 170.0) or not math.isfinite(self.turn_deg):
+            raise ValueError(f"camera: fov_deg must be in [1, 170] and turn_deg finite, got "
+                             f"{self.fov_deg}, {self.turn_deg}")
+
+
+def _source_columns(deg: Tensor, width: int, fov_deg: float) -> tuple[Tensor, Tensor]:
+    """For a turn of ``deg`` (N,) degrees: (old column in normalised [-1, 1] coordinates (N, W),
+    cos(new angle) / cos(old angle) (N, W)) of every new column."""
+    half = math.tan(math.radians(fov_deg) / 2)
+    xn = (torch.arange(width, device=deg.device, dtype=deg.dtype) + 0.5) * 2 / width - 1   # (W,)
+    a_new = torch.atan(xn * half)[None]                                                    # (1, W)
+    a_old = (a_new + torch.deg2rad(deg)[:, None]).clamp(-1.5, 1.5)                         # (N, W) < 90 deg
+    return torch.tan(a_old) / half, torch.cos(a_new) / torch.cos(a_old)
+
+
+def rotate_view(img: Tensor, deg: Tensor, fov_deg: float) -> Tensor:
+    """Frames img (N, 3, H, W) seen after turning right by ``deg`` (N,) degrees. Columns that come
+    from outside the old view repeat its edge (``visible_columns`` tells which)."""
+    N, _, H, W = img.shape
+    gx, scale = _source_columns(deg.to(img.dtype), W, fov_deg)                             # (N, W) each
+    yn = (torch.arange(H, device=img.device, dtype=img.dtype) + 0.5) * 2 / H - 1           # (H,)
+    gy = yn[None, :, None] * scale[:, None, :]                                             # (N, H, W)
+    grid = torch.stack([gx[:, None, :].expand(N, H, W), gy], dim=-1)                       # (N, H, W, 2)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def visible_columns(deg: Tensor, width: int, fov_deg: float) -> Tensor:
+    """(N, W) bool: columns of the turned view whose rays the old view also had (``deg`` (N,))."""
+    gx, _ = _source_columns(deg.to(torch.float64), width, fov_deg)
+    return gx.abs() <= 1.0 - 1.0 / width       # within the centres of the old edge columns
+
+
+class TurnPrior:
+    """``prior(z, control)``: the latent frame z (C, h, w) decoded, rotated by the control's turn,
+    encoded again -> (C, h, w). ``applies(control)``: whether the control is a pure turn (no
+    translation above ``min_move``, a turn of at least ``min_turn``)."""
+
+    def __init__(self, codec: torch.nn.Module, camera: Camera, min_turn: float = 0.1,
+                 min_move: float = 0.1) -> None:
+        camera.validate()
+        self.codec, self.camera = codec, camera
+        self.min_turn, self.min_move = min_turn, min_move
+
+    def applies(self, control: Tensor) -> bool:
+        c = control.detach().float().cpu()                        # (4,): one sync per frame at most
+        return bool(c[TURN].abs() >= self.min_turn and c[MOVE].abs() < self.min_move
+                    and c[STRAFE].abs() < self.min_move)
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor, control: Tensor) -> Tensor:
+        img = self.codec.decode(z[None])                                       # (1, 3, H, W)
+        deg = (control[TURN:TURN + 1] * self.camera.turn_deg).to(img.dtype)    # (1,)
+        return self.codec.encode(rotate_view(img, deg, self.camera.fov_deg))[0].to(z.dtype)
