@@ -262,7 +262,7 @@ def test_quick_evaluate_end_to_end(tiny_ckpt: Path, tmp_path: Path, monkeypatch:
     for key in ("codec", "teacher_forced", "rollout", "probes", "drift", "theme_retention",
                 "action_faithfulness", "latency", "timing_seconds", "samplers", "onsets"):
         assert key in saved, key
-    names = ["rolling", "rolling_nosink", "rolling_nolate", "rolling_ctx0", "rolling_noprior", "causal", "teacher"]
+    names = ["rolling", "rolling_nosink", "rolling_nolate", "rolling_ctx0", "causal", "teacher"]
     assert saved["recorded_seeds"] == [100000] and saved["seeds"] == [100000, 100001]
     assert saved["recorded_with_other_game_config"] == []
     assert saved["samplers"]["rolling_nosink"]["sink_frames"] == 0

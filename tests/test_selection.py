@@ -58,11 +58,11 @@ def test_sweep_overrides_are_a_valid_evaluate_config(tmp_path: Path, two_ckpts: 
     ecfg = ev.load_config(eval_overrides(cfg, cfg.candidates[1], tmp_path / "1"))
     assert ecfg.checkpoint == cfg.candidates[1] and ecfg.seeds == [100010, 100011]
     assert ecfg.configs == ["ctx0", "ctx1"] and ecfg.minutes == 0.5 and ecfg.stream_seeds == 3
-    assert ecfg.variants["ctx0"] == {"name": "rolling", "prior_t": 0.15}      # the turn prior by default
-    assert ecfg.variants["ctx1"] == {"name": "rolling", "prior_t": 0.15, "context_t": 0.3}
-    plain = SelectConfig(**{**cfg.__dict__, "sampler": {}})
-    assert ev.load_config(eval_overrides(plain, cfg.candidates[1], tmp_path / "1")).variants["ctx0"] == {
-        "name": "rolling"}
+    assert ecfg.variants["ctx0"] == {"name": "rolling"}
+    assert ecfg.variants["ctx1"] == {"name": "rolling", "context_t": 0.3}
+    prior = SelectConfig(**{**cfg.__dict__, "sampler": {"prior_t": 0.15}})   # sampler fields for every pair
+    assert ev.load_config(eval_overrides(prior, cfg.candidates[1], tmp_path / "1")).variants["ctx1"] == {
+        "name": "rolling", "prior_t": 0.15, "context_t": 0.3}
     assert ecfg.probe_dir == str(tmp_path / "probes") and ecfg.heldout is None and not ecfg.plots
 
 
@@ -79,7 +79,8 @@ def test_exports_the_best_pair_with_its_history_noise(tmp_path: Path, two_ckpts:
 
     monkeypatch.setattr(ev, "evaluate", fake_evaluate)
     cfg = SelectConfig(candidates=[str(p) for p in two_ckpts], out=str(tmp_path / "sel"),
-                       dst=str(tmp_path / "won"), context_t=[None, 0.3], weights="float16")
+                       dst=str(tmp_path / "won"), context_t=[None, 0.3], weights="float16",
+                       sampler={"prior_t": 0.15})
     result = select(cfg)
     assert result["selected"] == str(two_ckpts[1]) and result["context_t"] == 0.3
     assert result["score"] == pytest.approx(1.2) and result["rows"] == 4

@@ -152,3 +152,28 @@ def test_cached_stream_with_the_prior_equals_full_recompute(name: str) -> None:
         s.start(*_context(), generator=torch.Generator().manual_seed(1))
         outs.append(torch.stack([s.step(u) for u in controls]))
     assert torch.allclose(outs[0], outs[1], atol=1e-4), (outs[0] - outs[1]).abs().max()
+
+
+def test_known_columns_exclude_the_entering_strip() -> None:
+    p = TurnPrior(torch.nn.Identity(), Camera(fov_deg=66.0, turn_deg=4.0))     # no codec cfg: 8 px a column
+    right = p.known_columns(torch.tensor([0.0, 0.0, 1.0, 0.0]), 8)
+    left = p.known_columns(torch.tensor([0.0, 0.0, -1.0, 0.0]), 8)
+    # 4 degrees: 5 new pixels; the column beside them is within half a column of them too
+    assert right[:6].all() and not right[6:].any() and left[2:].all() and not left[:2].any()
+    assert p.known_columns(torch.tensor([0.0, 0.0, 3.0, 0.0]), 8).tolist() == [True] * 5 + [False] * 3
+
+
+@pytest.mark.parametrize("name", ["rolling", "causal"])
+def test_inpainting_pastes_the_known_columns_and_draws_the_strip(name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a zero velocity field the output is what was pasted last: the known columns carry the
+    prior (half of it, at level 0.5 of two steps), the entering strip none of it."""
+    model = tiny_model(depth=2)
+    value = torch.full((C, R, R), 3.0)
+    s = make_sampler(model, SamplerConfig(name=name, steps=2, prior_t=0.1, prior_inpaint=True), _ConstPrior(value))
+    s.start(*_context(), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(s, "_velocity", lambda x, t, u: torch.zeros_like(x))
+    out = s.step(torch.tensor([0.0, 0.0, 1.0, 0.0]))                     # a right turn: strip at the right
+    known = s.prior.known_columns(torch.tensor([0.0, 0.0, 1.0, 0.0]), R)
+    assert known[0] and not known[-1]
+    assert out[..., known].mean() > 1.0 and out[..., ~known].abs().mean() < 1.0

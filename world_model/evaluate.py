@@ -1,7 +1,7 @@
 """Evaluation entry point (hydra): how close is the dream to the classic game?
 
     python -m world_model.evaluate checkpoint=PATH out=DIR [heldout=runs/data/heldout] [seeds=[...]]
-        [minutes=10] [fps=30] [configs=[rolling,rolling_nosink,rolling_nolate,rolling_ctx0,rolling_noprior,causal,teacher]] [quick=true]
+        [minutes=10] [fps=30] [configs=[rolling,rolling_nosink,rolling_nolate,rolling_ctx0,causal,teacher]] [quick=true]
 
 Writes ``out/eval.json``, ``out/eval.md`` and PNG plots; see docs/evaluation.md for what every
 number is. All worlds evaluated are held-out seeds (>= ``heldout_seed0``); the probes train on
@@ -47,7 +47,7 @@ def _variants() -> dict[str, dict[str, Any]]:
             "rolling_nolate": {"name": "rolling", "late_binding": False},
             "rolling_ctx0": {"name": "rolling", "context_t": 0.0},
             "rolling_rebind": {"name": "rolling", "rebind": 3},
-            "rolling_noprior": {"name": "rolling", "prior_t": 0.0},
+            "rolling_prior": {"name": "rolling", "prior_t": 0.15},
             "causal": {"name": "causal"}, "teacher": {"name": "teacher"}}
 
 

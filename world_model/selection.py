@@ -11,7 +11,7 @@ So the pipeline does not trust either; it streams each (checkpoint, ``context_t`
 with the rolling sampler on **validation** worlds (seeds the evaluation never uses:
 the evaluation takes the first held-out seeds, 100000-100004 by default) and exports
 the best pair's checkpoint with that ``context_t`` as its sampler default. Every pair
-streams with ``sampler`` (by default the turn prior, ``prior_t=0.15``), and the winner is
+streams with ``sampler`` (SamplerConfig fields, none by default), and the winner is
 exported with it.
 
 The score of a pair is the sum of three numbers in [0, 1], each averaged over the
@@ -51,9 +51,9 @@ class SelectConfig:
     weights: str = "float16"                               # storage dtype of the exported winner
     threads: int = 2
     eval: dict[str, Any] = field(default_factory=dict)     # evaluate overrides on top of SWEEP
-    # SamplerConfig fields every pair streams with and the winner is exported with (the turn
-    # prior: +0.13 on the score of the shipped checkpoint, docs/world_model.md); {} = none
-    sampler: dict[str, Any] = field(default_factory=lambda: {"prior_t": 0.15})
+    # SamplerConfig fields every pair streams with and the winner is exported with, e.g.
+    # {prior_t: 0.15} (the turn prior; not by default: docs/world_model.md); {} = none
+    sampler: dict[str, Any] = field(default_factory=dict)
 
 
 def override_value(v: Any) -> str:

@@ -84,6 +84,17 @@ class TurnPrior:
         return bool(c[TURN].abs() >= self.min_turn and c[MOVE].abs() < self.min_move
                     and c[STRAFE].abs() < self.min_move)
 
+    def known_columns(self, control: Tensor, latent_width: int) -> Tensor:
+        """(latent_width,) bool: latent columns whose pixels, and half a latent column beyond them
+        on each side (the encoder sees that far), the old view already had."""
+        codec_cfg = getattr(self.codec, "cfg", None)                  # frame width: the codec's resolution
+        pixel_width = int(getattr(codec_cfg, "resolution", 8 * latent_width))
+        deg = (control[TURN:TURN + 1].detach().float().cpu() * self.camera.turn_deg)
+        vis = visible_columns(deg, pixel_width, self.camera.fov_deg)[0]                    # (W_px,)
+        s = pixel_width // latent_width
+        return torch.tensor([bool(vis[max(0, j * s - s // 2):(j + 1) * s + s // 2].all())
+                             for j in range(latent_width)])
+
     @torch.no_grad()
     def __call__(self, z: Tensor, control: Tensor) -> Tensor:
         img = self.codec.decode(z[None])                                       # (1, 3, H, W)

@@ -74,6 +74,10 @@ class SamplerConfig:
     # ceil(steps * prior_t) steps (rolling: the window is dropped and refilled after the turn);
     # 0 = off. Needs a TurnPrior (make_sampler's prior)
     prior_t: float = 0.0
+    # with the turn prior: denoise a pure-turn frame through all ``steps`` levels from pure noise,
+    # replacing at every level >= prior_t the latent columns the old view had by the rotated frame
+    # at that level (RePaint-style inpainting): the network draws the entering strip from noise
+    prior_inpaint: bool = False
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -446,23 +450,34 @@ class StreamSampler(ABC):
         n = max(1, math.ceil(steps * self.cfg.prior_t))
         return euler_levels(n, self.cfg.shift) * self.cfg.prior_t
 
-    def _from_prior(self, control: Tensor, prior_levels: Tensor) -> Tensor:
-        """One frame from the last clean frame rotated by ``control``'s turn, put at level
-        prior_levels[0] (= prior_t) and denoised alone (``_denoise_alone``). Returns (C, h, w)."""
+    def _from_prior(self, control: Tensor, prior_levels: Tensor, full_levels: Tensor) -> Tensor:
+        """One frame from the last clean frame rotated by ``control``'s turn, denoised alone
+        (``_denoise_alone``): put at level prior_levels[0] (= prior_t), or with ``prior_inpaint``
+        from pure noise through ``full_levels`` with the known columns pasted. Returns (C, h, w)."""
         assert self.prior is not None and self._last_clean is not None
-        lv = prior_levels.to(self._dev, self._dt)
-        x = renoise(self.prior(self._last_clean, control), lv[0], self._noise(*self._last_clean.shape))
-        return self._denoise_alone(x[None], lv, control)
+        z = self.prior(self._last_clean, control)                          # (C, h, w)
+        noise = self._noise(*z.shape)
+        if not self.cfg.prior_inpaint:
+            lv = prior_levels.to(self._dev, self._dt)
+            return self._denoise_alone(renoise(z, lv[0], noise)[None], lv, control)
+        known = self.prior.known_columns(control, z.shape[-1]).to(self._dev)      # (w,)
+        return self._denoise_alone(noise[None], full_levels.to(self._dev, self._dt), control, (z, known))
 
-    def _denoise_alone(self, x: Tensor, lv: Tensor, control: Tensor) -> Tensor:
+    def _denoise_alone(self, x: Tensor, lv: Tensor, control: Tensor,
+                       paste: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Frame x (1, C, h, w) at level lv[0] denoised alone (attending to the history) through the
         levels lv (n + 1,) down to 0: x0 prediction, then re-noised to the next level (fresh noise,
-        or the predicted noise when ``ode``). The clean frame is written to the history; returns it (C, h, w)."""
+        or the predicted noise when ``ode``). ``paste`` = (z (C, h, w), known (w,) bool): before each
+        forward at a level >= prior_t, the known latent columns are z re-noised to that level.
+        The clean frame is written to the history; returns it (C, h, w)."""
         u = control[None]                                                  # (1, 4)
         x0 = x
         n = lv.shape[0] - 1
         for i in range(n):
             t = lv[i:i + 1]                                                # (1,)
+            if paste is not None and float(lv[i]) >= self.cfg.prior_t:
+                z, known = paste                                           # (C, h, w), (w,)
+                x = torch.where(known, renoise(z, lv[i], self._noise(*z.shape)), x[0])[None]
             v = self._velocity(x, t, u)                                    # (1, C, h, w)
             x0 = x0_from_v(x, t[:, None, None, None], v)
             if i + 1 < n:                                                  # the last level is 0: x0 is final

@@ -38,6 +38,6 @@ class CausalSampler(StreamSampler):
 
     def _step(self, control: Tensor) -> Tensor:
         if self._prior_applies(control):
-            return self._from_prior(control, self.prior_levels)
+            return self._from_prior(control, self.prior_levels, self.levels)
         x = self._noise(*self._frame_shape)[None]                       # (1, C, h, w) at level 1
         return self._denoise_alone(x, self.levels.to(self._dev, self._dt), control)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..dit import WorldDiT
-from ..schedule import eps_from_v, raise_level, renoise, rolling_bands, x0_from_v
+from ..schedule import eps_from_v, euler_levels, raise_level, renoise, rolling_bands, x0_from_v
 from ..view_warp import TurnPrior
 from .base import SamplerConfig, StreamSampler
 
@@ -49,6 +49,7 @@ class RollingSampler(StreamSampler):
         super().__init__(model, cfg, prior)
         self.W = cfg.steps
         self.prior_levels = self._prior_levels(self.W)             # (n + 1,) prior_t .. 0
+        self.inpaint_levels = euler_levels(self.W, cfg.shift)      # (W + 1,) 1 .. 0: prior_inpaint
         self.levels, self.lower = rolling_bands(self.W, cfg.shift)  # (W,) increasing, back = 1.0; band bottoms
         self._levels, self._lower = self.levels, self.lower       # on the stream's device/dtype (_warm_up)
         c = model.cfg
@@ -75,7 +76,7 @@ class RollingSampler(StreamSampler):
             # A pure turn with a turn prior: the window's frames were laid out under earlier
             # controls; drop them and make this frame alone from the turned last frame.
             self.x, self.u = self.x[:0], self.u[:0]
-            return self._from_prior(control, self.prior_levels)
+            return self._from_prior(control, self.prior_levels, self.inpaint_levels)
         while self.x.shape[0] < self.W - 1:                                      # refill after a turn
             self._advance(control)
         out = self._advance(control)
