@@ -6,9 +6,11 @@ turn; but a pure rotation of a pinhole (or ray-cast) camera needs no learning: t
 the new view that was already visible is the old frame resampled. This is the "render,
 refine, repeat" idea of view-synthesis models (Infinite Nature, Liu et al. 2021): warp the
 last frame by the known camera motion, let the generator refine it and fill in what was
-not visible (the strip entering at the edge). ``TurnPrior`` makes the warped frame; the
-causal sampler starts a turning frame's denoising from it at a low noise level
-(``SamplerConfig.prior_t``) instead of from pure noise.
+not visible (the strip entering at the edge). ``TurnPrior`` makes the warped frame; every
+sampler can start a pure-turn frame's denoising from it at a low noise level
+(``SamplerConfig.prior_t``) instead of from pure noise, or inpaint around it
+(``prior_inpaint``). Off by default: held turns follow the game far better, but 3-minute
+streams lose the world's look sooner (docs/world_model.md, "The turn prior, measured").
 
 Geometry (the classic game's camera, ``engine.classic_game``): column x of a W-wide frame
 looks along angle ``atan(c_x)`` off the view direction, c_x = ((x + 0.5) 2 / W - 1) tan(fov / 2).
