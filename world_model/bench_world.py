@@ -17,8 +17,9 @@ from world_model.accel import FrameStager, WindowStep, prepare_for_device
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.flops import counted_flops
+from world_model.neural_world import camera_of
 from world_model.samplers import SamplerConfig, make_sampler
-from world_model.view_warp import Camera, TurnPrior
+from world_model.view_warp import TurnPrior
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("input", "window_forward", "cache_rerun", "sampler_other", "decode", "present")
@@ -96,10 +97,8 @@ class Stream:
 
     def __init__(self, world: World, cfg: SamplerConfig) -> None:
         self.world, self.cfg = world, cfg
-        prior = None
-        if cfg.prior_t > 0:                            # the turn prior decodes and encodes on pure turns
-            c = world.classic
-            prior = TurnPrior(world.codec, Camera(fov_deg=c.fov_deg, turn_deg=c.turn_deg))
+        # the turn prior decodes and encodes on pure turns
+        prior = TurnPrior(world.codec, camera_of(world.classic)) if cfg.prior_t > 0 else None
         self.sampler = make_sampler(world.step_model, cfg, prior)
         self.stager = FrameStager(world.codec)
 

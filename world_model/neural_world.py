@@ -67,10 +67,14 @@ def classic_config_for(ckpt: LoadedCheckpoint) -> ClassicConfig:
     return cfg
 
 
+def camera_of(classic: ClassicConfig) -> Camera:
+    """The classic game's camera: field of view, degrees per unit of turn."""
+    return Camera(fov_deg=classic.fov_deg, turn_deg=classic.turn_deg)
+
+
 def camera_for(ckpt: LoadedCheckpoint) -> Camera:
-    """The camera of the checkpoint's classic game (field of view, degrees per unit of turn)."""
-    c = classic_config_for(ckpt)
-    return Camera(fov_deg=c.fov_deg, turn_deg=c.turn_deg)
+    """The camera of the checkpoint's classic game."""
+    return camera_of(classic_config_for(ckpt))
 
 
 def turn_prior_for(ckpt: LoadedCheckpoint, codec: torch.nn.Module, cfg: SamplerConfig) -> Optional[TurnPrior]:
