@@ -165,11 +165,13 @@ def held_turn_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler]
     if not idx:
         return out
     truth = np.stack([s.frames[p:p + H] for s, p in idx])                        # (n, H, H_px, W_px, 3)
-    mse_copy = np.stack([frame_mse(np.broadcast_to(s.frames[p - 1], t.shape), t) for (s, p), t in zip(idx, truth)])
-    mse_codec = np.stack([frame_mse(s.recon[p:p + H], t) for (s, p), t in zip(idx, truth)])   # (n, H) each
-    out["copy_last"] = {h: pooled_psnr_of_mse(mse_copy[:, h - 1]) for h in range(1, H + 1)}
-    out["codec_ceiling"] = {h: pooled_psnr_of_mse(mse_codec[:, h - 1]) for h in range(1, H + 1)}
+    copy = np.stack([np.broadcast_to(s.frames[p - 1], truth.shape[1:]) for s, p in idx])   # like truth
+    recon = np.stack([s.recon[p:p + H] for s, p in idx])                          # like truth
+    mse_copy = np.stack([frame_mse(c, t) for c, t in zip(copy, truth)])          # (n, H)
+    mse_codec = np.stack([frame_mse(r, t) for r, t in zip(recon, truth)])        # (n, H)
     hs = range(1, H + 1)
+    out["copy_last"] = {h: pooled_psnr_of_mse(mse_copy[:, h - 1]) for h in hs}
+    out["codec_ceiling"] = {h: pooled_psnr_of_mse(mse_codec[:, h - 1]) for h in hs}
     cols = None
     if camera is not None:
         # summed recorded turn (degrees) up to each frame of each onset: (n, H)
@@ -178,11 +180,9 @@ def held_turn_metrics(codec: torch.nn.Module, samplers: dict[str, StreamSampler]
         cols = visible_columns(torch.from_numpy(deg.reshape(-1)), W_px, camera.fov_deg).numpy().reshape(
             len(idx), H, W_px)                                                  # (n, H, W_px)
         rot = np.stack([_rotated_last(s.frames[p - 1], d, camera) for (s, p), d in zip(idx, deg)])
-        copy = np.stack([np.broadcast_to(s.frames[p - 1], t.shape) for (s, p), t in zip(idx, truth)])
-        codec_v = _masked_mse(np.stack([s.recon[p:p + H] for s, p in idx]), truth, cols)
         rot_all = np.stack([frame_mse(r, t) for r, t in zip(rot, truth)])       # (n, H)
-        for key, m in (("copy_last_visible", _masked_mse(copy, truth, cols)), ("codec_ceiling_visible", codec_v),
-                       ("rotated_last_visible", _masked_mse(rot, truth, cols))):
+        for key, a in (("copy_last_visible", copy), ("codec_ceiling_visible", recon), ("rotated_last_visible", rot)):
+            m = _masked_mse(a, truth, cols)                                     # (n, H)
             out[key] = {h: _pooled_visible(m[:, h - 1]) for h in hs}
         out["rotated_last"] = {h: pooled_psnr_of_mse(rot_all[:, h - 1]) for h in hs}
         out["visible_share"] = {h: float(cols[:, h - 1].mean()) for h in hs}
