@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from world_model.codec import frames_to_tensor, tensor_to_frames
 from world_model.codec_probe import (
     centre_psnr,
+    chains,
     main,
     probe,
     shift_latents,
@@ -73,12 +74,28 @@ def test_turn_pairs_and_centre_crop() -> None:
     assert c["frames"] == 5 and c["full"] == c["centre16"] == PSNR_CAP        # exact on block pictures
 
 
+def test_chains_separate_round_trips_from_rotation() -> None:
+    """An idempotent codec (block means, then nearest upsampling) loses its one round trip and no
+    more; rotating the picture tick by tick follows the game's turn at first (better than holding
+    the first frame) and loses to the turn as the entering strip grows."""
+    from engine.classic_game import ClassicConfig
+
+    out = chains(BlockCodec(), ClassicConfig(), [100000, 100001], frames=8)
+    assert out["ticks"] == [1, 2, 4, 8] and out["worlds"] == 2
+    trips = out["round_trips"]
+    assert trips[0] < 40 and trips == pytest.approx([trips[0]] * 4, abs=1e-6)
+    rot, copy = out["rotation"], out["copy"]
+    assert rot[0] > copy[0] + 3 and rot[0] > rot[-1]
+    assert out["rotation_round_trips"][0] < rot[0]                           # the round trip costs
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["heldout=" + str(tmp_path)]) == 2
     assert "codec=PATH" in capsys.readouterr().err
     assert main(["codec=x", f"heldout={tmp_path / 'missing'}"]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert main(["codec=x", "pairs=0"]) == 2
+    assert main(["codec=x", "chain_frames=0"]) == 2
 
 
 def test_end_to_end_on_a_recorded_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,9 +104,11 @@ def test_end_to_end_on_a_recorded_session(tmp_path: Path, capsys: pytest.Capture
 
     ck = _save(tmp_path / "ck")                                               # tiny random codec, 8 x 8 latents
     record_explorer_session(tmp_path / "heldout", 100000, 300)
-    assert main([f"codec={ck}", f"heldout={tmp_path / 'heldout'}", "pairs=20"]) == 0
+    assert main([f"codec={ck}", f"heldout={tmp_path / 'heldout'}", "pairs=20", "chain_worlds=1",
+                 "chain_frames=4"]) == 0
     out = json.loads(capsys.readouterr().out)
     t = out["turns"]
     assert 0 < t["pairs"] <= 20 and t["latent_grid"] == [8, 8] and t["pixels_per_cell"] == 8
     assert t["best_pixel_shift"] > t["copy_last"]                             # a turn is nearly a shift
     assert out["corridor_ends"]["frames"] > 0 and out["codec_id"]
+    assert out["chains"]["ticks"] == [1, 2, 4] and len(out["chains"]["rotation_round_trips"]) == 3

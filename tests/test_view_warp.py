@@ -120,10 +120,26 @@ def test_rolling_makes_pure_turns_from_the_prior_and_refills_its_window_after() 
     assert s.history.num_forwards - n0 == 1
 
 
-def test_prior_config_errors() -> None:
+@pytest.mark.parametrize("name", ["rolling", "causal"])
+def test_prior_max_deg_bounds_each_held_turn(name: str) -> None:
+    """At 4 degrees a tick and a 10-degree limit, the prior makes the first two frames of a held
+    turn (8 degrees; a third would be 12) and none after; any other frame starts a new count;
+    half turns count half."""
     model = tiny_model(depth=2)
-    with pytest.raises(ValueError, match="prior_t"):
-        SamplerConfig(name="causal", prior_t=1.5).validate()
+    turn, half = torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, -0.5, 0.0])
+    walk = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    controls = [turn, turn, turn, turn, walk, turn, half, half, half, turn]
+    used = []
+    p = _ConstPrior(torch.zeros(C, R, R))
+    s = make_sampler(model, SamplerConfig(name=name, steps=2, prior_t=0.5, prior_max_deg=10.0), p)
+    s.start(*_context(), generator=torch.Generator().manual_seed(3))
+    for u in controls:
+        calls = p.calls
+        s.step(u)
+        used.append(p.calls - calls)
+    assert used == [1, 1, 0, 0, 0, 1, 1, 1, 1, 0]      # 4, 8 | 12, 16 | walk | 4, 6, 8, 10 | 14
+    with pytest.raises(ValueError, match="prior_max_deg"):
+        SamplerConfig(prior_max_deg=-1.0).validate()
     with pytest.raises(ValueError, match="turn prior"):
         make_sampler(model, SamplerConfig(name="causal", prior_t=0.2))
 

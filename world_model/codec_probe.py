@@ -1,7 +1,7 @@
 """Is a turn a shift of the codec's latents? And what does the codec lose where corridors end?
 
     python -m world_model.codec_probe codec=PATH [heldout=runs/data/heldout] [sessions=12] [pairs=200]
-        [max_shift_px=8] [threads=1]
+        [max_shift_px=8] [chain_worlds=6] [chain_seed0=100000] [chain_frames=30] [threads=1]
 
 Prints one JSON object. Two questions about a codec, asked before a world model is trained
 on it (docs/evaluation.md, "Where the dream breaks"):
@@ -17,6 +17,13 @@ on it (docs/evaluation.md, "Where the dream breaks"):
   where it is not, it must learn a nonlinear map for the commonest motion of the data.
 * **Corridor ends.** Pooled PSNR of the round trip over whole frames and over the central
   16 x 16 pixels (``centre16``), where a long corridor's end wall sits.
+* **Chains** (``chains``): what a sampler pays that encodes its own decoded output again every
+  frame, as the turn prior does (docs/world_model.md, "Why the turn prior drifts"). For
+  ``chain_worlds`` worlds from ``chain_seed0``, the classic game's first frame is put through
+  k round trips (``round_trips``, scored against that frame), and rotated by a held right
+  turn one tick at a time without (``rotation``) and with (``rotation_round_trips``) a round
+  trip each tick, scored against the game's own turn; ``copy`` is the first frame held.
+  Pooled PSNR after k = 1, 2, 4, 8, 16 and ``chain_frames`` ticks.
 """
 from __future__ import annotations
 
@@ -40,6 +47,9 @@ class CodecProbeConfig:
     sessions: int = 12                # recorded sessions read (first in name order)
     pairs: int = 200                  # pure-turn pairs used, spread over those found
     max_shift_px: int = 8             # pixel shifts tried: -max..max; latent shifts cover the same span
+    chain_worlds: int = 6             # worlds of the chains section (0 = skip it)
+    chain_seed0: int = 100000         # first of them (held-out worlds by default)
+    chain_frames: int = 30            # ticks of the longest chain
     threads: int = 1
 
 
@@ -110,17 +120,56 @@ def centre_psnr(codec: Any, frames: np.ndarray) -> dict[str, float]:
     return {"frames": len(frames), "full": pooled_psnr(rec, frames), "centre16": pooled_psnr(rec[c], frames[c])}
 
 
+def chains(codec: Any, classic: Any, seeds: list[int], frames: int) -> dict[str, Any]:
+    """The chains section: pooled PSNR after k ticks, over the worlds ``seeds`` of the classic
+    game config ``classic`` (its camera turns the picture)."""
+    import torch
+
+    from engine.actions import DEFAULT_SCHEMA, Action
+    from engine.classic_game import ClassicGame
+    from world_model.view_warp import rotate_view
+
+    ks = sorted({k for k in (1, 2, 4, 8, 16, frames) if k <= frames})
+    turn = Action.make(["turn_right"])
+    deg = torch.tensor([classic.turn_deg])
+    mse = {name: np.zeros(frames) for name in ("round_trips", "rotation", "rotation_round_trips", "copy")}
+    for seed in seeds:
+        game = ClassicGame(classic, DEFAULT_SCHEMA)
+        first = game.reset(seed)                                               # (H, W, 3) uint8
+        truth = np.stack([game.step(turn) for _ in range(frames)])             # (T, H, W, 3)
+        mse["copy"] += frame_mse(np.repeat(first[None], frames, 0), truth)
+        x0 = codec.frames_to_tensor(first[None]).float()                       # (1, 3, H, W)
+        for name, d, trip in (("round_trips", 0.0, True), ("rotation", 1.0, False),
+                              ("rotation_round_trips", 1.0, True)):
+            x, out = x0, []
+            with torch.inference_mode():
+                for _ in range(frames):
+                    if d:
+                        x = rotate_view(x, deg * d, classic.fov_deg)
+                    if trip:
+                        x = codec.decode(codec.encode(x))
+                    out.append(codec.tensor_to_frames(x)[0])
+            ref = np.repeat(first[None], frames, 0) if not d else truth
+            mse[name] += frame_mse(np.stack(out), ref)
+    out: dict[str, Any] = {"worlds": len(seeds), "ticks": ks, "turn_deg": classic.turn_deg}
+    for name, m in mse.items():
+        out[name] = [pooled_psnr_of_mse(m[k - 1:k] / len(seeds)) for k in ks]
+    return out
+
+
 def run(cfg: CodecProbeConfig) -> dict[str, Any]:
     import torch
 
     from engine.actions import DEFAULT_SCHEMA
     from engine.session import SessionReader, list_sessions
     from world_model.checkpoint import load_codec
+    from world_model.neural_world import classic_config_for
 
     if not cfg.codec:
         raise ConfigError("codec_probe needs codec=PATH (a codec or full checkpoint directory)")
-    if cfg.sessions < 1 or cfg.pairs < 1 or cfg.max_shift_px < 1:
-        raise ConfigError("codec_probe: sessions, pairs and max_shift_px must be >= 1")
+    if cfg.sessions < 1 or cfg.pairs < 1 or cfg.max_shift_px < 1 or cfg.chain_frames < 1 or cfg.chain_worlds < 0:
+        raise ConfigError("codec_probe: sessions, pairs, max_shift_px and chain_frames must be >= 1, "
+                          "chain_worlds >= 0")
     if not Path(cfg.heldout).is_dir():
         raise ConfigError(f"heldout={cfg.heldout}: no such directory")
     if cfg.threads > 0:
@@ -139,8 +188,12 @@ def run(cfg: CodecProbeConfig) -> dict[str, Any]:
         raise ConfigError(f"heldout={cfg.heldout}: no pure-turn steps in the first {cfg.sessions} sessions")
     keep = np.unique(np.linspace(0, len(a) - 1, min(cfg.pairs, len(a))).round().astype(int))
     turns = probe(codec, np.stack([a[i] for i in keep]), np.stack([b[i] for i in keep]), cfg.max_shift_px)
-    return {"codec": str(cfg.codec), "codec_id": loaded.id, "turns": turns,
-            "corridor_ends": centre_psnr(codec, np.concatenate(sample))}
+    out = {"codec": str(cfg.codec), "codec_id": loaded.id, "turns": turns,
+           "corridor_ends": centre_psnr(codec, np.concatenate(sample))}
+    if cfg.chain_worlds > 0:
+        out["chains"] = chains(codec, classic_config_for(loaded),
+                               list(range(cfg.chain_seed0, cfg.chain_seed0 + cfg.chain_worlds)), cfg.chain_frames)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -86,6 +86,10 @@ class TurnPrior:
         return bool(c[TURN].abs() >= self.min_turn and c[MOVE].abs() < self.min_move
                     and c[STRAFE].abs() < self.min_move)
 
+    def degrees(self, control: Tensor) -> float:
+        """How many degrees the control (4,) turns the camera (either direction)."""
+        return abs(float(control[TURN])) * self.camera.turn_deg
+
     def known_columns(self, control: Tensor, latent_width: int) -> Tensor:
         """(latent_width,) bool: latent columns whose pixels, and half a latent column beyond them
         on each side (the encoder sees that far), the old view already had."""

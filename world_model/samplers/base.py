@@ -78,6 +78,11 @@ class SamplerConfig:
     # replacing at every level >= prior_t the latent columns the old view had by the rotated frame
     # at that level (RePaint-style inpainting): the network draws the entering strip from noise
     prior_inpaint: bool = False
+    # with the turn prior: the most degrees of one held turn made from the prior; later frames of
+    # the turn are made as without it (0 = no limit). Each prior frame is a codec round trip of the
+    # last, and the strip entering at the edge is the old edge repeated: bounding the chain bounds
+    # both (docs/world_model.md, "Why the turn prior drifts")
+    prior_max_deg: float = 0.0
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -99,6 +104,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.guidance_min_t must be in [0, 1], got {self.guidance_min_t}")
         if not 0.0 <= self.prior_t <= 1.0:
             raise ValueError(f"sampler.prior_t must be in [0, 1], got {self.prior_t}")
+        if not 0.0 <= self.prior_max_deg <= 3600.0:
+            raise ValueError(f"sampler.prior_max_deg must be in [0, 3600], got {self.prior_max_deg}")
 
 
 def resolve_sampler_config(checkpoint_defaults: Mapping[str, Any] | None,
@@ -351,6 +358,7 @@ class StreamSampler(ABC):
         self.cfg = cfg
         self.prior = prior if cfg.prior_t > 0 else None
         self._last_clean: Tensor | None = None     # the newest clean frame (C, h, w): the prior's input
+        self._held_deg = 0.0        # degrees turned by the current run of pure-turn steps (prior_max_deg)
         self.history: History = (CachedHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun)
                                   if cfg.use_cache else RecomputeHistory(model, cfg.sink_frames, cfg.cache_frames))
         self.generator: torch.Generator | None = None
@@ -419,6 +427,7 @@ class StreamSampler(ABC):
         context = context.to(self._dev, self._dt)
         controls = controls.to(self._dev, self._dt)
         self._last_clean = None
+        self._held_deg = 0.0
         for i in range(context.shape[0]):
             self._commit(context[i], controls[i])
         last = controls[-1] if controls.shape[0] else torch.zeros(self.model.cfg.control_dim,
@@ -443,7 +452,16 @@ class StreamSampler(ABC):
         return self.cfg.renoise == "ode"
 
     def _prior_applies(self, control: Tensor) -> bool:
-        return self.prior is not None and self._last_clean is not None and self.prior.applies(control)
+        """Whether this step's frame starts from the turn prior. Called once per step (it also
+        counts the degrees of the turn held so far, for ``prior_max_deg``)."""
+        if self.prior is None:
+            return False
+        if not self.prior.applies(control):
+            self._held_deg = 0.0                  # anything but a pure turn ends a held turn
+            return False
+        self._held_deg += self.prior.degrees(control)
+        limit = self.cfg.prior_max_deg
+        return self._last_clean is not None and (limit <= 0 or self._held_deg <= limit + 1e-6)
 
     def _prior_levels(self, steps: int) -> Tensor:
         """(n + 1,) levels prior_t .. 0 of a frame started from the prior: n = ceil(steps * prior_t)."""
