@@ -14,6 +14,7 @@ from tests.conftest import torch_threads
 from world_model import bench, masks
 from world_model.checkpoint import save_checkpoint
 from world_model.codec import CodecConfig, FrameCodec
+from world_model.depth_probe import ColumnDepthNet, DepthProbeConfig, save_depth_probe
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.flops import FrameCost, ForwardTracer, counted_flops, matmul_peak_gflops
 from world_model.samplers import SamplerConfig, make_sampler
@@ -41,6 +42,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dit = WorldDiT(ModelConfig(latent_channels=4, latent_res=8, patch=2, d_model=32, depth=2, heads=2))
     path = tmp_path_factory.mktemp("ck") / "tiny"
     save_checkpoint(path, codec, dit, DEFAULT_SCHEMA, (64, 64), {"sampler_defaults": {"steps": 3}})
+    save_depth_probe(ColumnDepthNet(width=2), DepthProbeConfig(width=2), path / "depth")   # the walk prior's
     return path
 
 
@@ -49,7 +51,8 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
     out = tmp_path / "bench.md"
     rc = bench.main([f"checkpoint={tiny_ckpt}", "frames=10", "warmup=2", "teacher_frames=3", "threads=1",
                      "sampler.teacher_steps=3", "peak_seconds=0.002", f"out={out}", "append=true",
-                     "producer_frames=6", "producer_blocks=2", "rebind=[2]", "prior=[0.2]"])
+                     "producer_frames=6", "producer_blocks=2", "rebind=[2]", "prior=[0.2]",
+                     "walk=[0.2]"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)          # ONE JSON object on stdout
     # rebind: 2 more forwards on a tick whose control changed; of the 10 timed ticks (2-11) the
@@ -59,6 +62,10 @@ def test_bench_end_to_end_prints_json_with_every_key(tiny_ckpt: Path, tmp_path: 
     # the turn prior: no pure turn in ticks 2-11 (they come at 30-39), so plain rolling cost
     pr = res["samplers"].pop("rolling_prior0.2")
     assert pr["forwards_per_frame"] == 1.0 and pr["sampler"]["prior_t"] == 0.2
+    # the walk prior: every timed tick walks (forward held, a turn while walking from tick 10), so
+    # every frame is made alone from the warped anchor in ceil(3 steps * 0.2) = 1 forward
+    wk = res["samplers"].pop("rolling_walk0.2")
+    assert wk["sampler"]["walk_prior_t"] == 0.2 and wk["forwards_per_frame"] == 1.0, wk["forwards_per_frame"]
     for key in ("machine", "accel", "model", "renderer", "peak_gflops", "classic", "samplers", "fold_rerun",
                 "memory", "frames", "warmup"):
         assert key in res, key

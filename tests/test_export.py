@@ -58,3 +58,19 @@ def test_export_refuses_writing_over_its_source(src: Path, capsys: pytest.Captur
     before = (src / "config.json").read_text()
     assert main([f"src={src}", f"dst={src}"]) == 2
     assert "is the source" in capsys.readouterr().err and (src / "config.json").read_text() == before
+
+
+def test_export_carries_the_depth_probe_and_refuses_a_walk_prior_without_one(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from world_model.depth_probe import ColumnDepthNet, DepthProbeConfig, save_depth_probe
+
+    assert main([f"src={src}", f"dst={tmp_path / 'a'}", "sampler.walk_prior_t=0.15"]) == 2
+    assert "depth probe" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    probe = save_depth_probe(ColumnDepthNet(width=2), DepthProbeConfig(width=2), tmp_path / "probe")
+    assert main([f"src={src}", f"dst={tmp_path / 'b'}", f"depth={probe}", "sampler.walk_prior_t=0.15"]) == 0
+    capsys.readouterr()
+    got = sorted(p.name for p in (tmp_path / "b" / "depth").iterdir())
+    assert got == sorted(p.name for p in probe.iterdir()) and len(got) == 2
+    # exported again without depth=: the source's probe comes along
+    assert main([f"src={tmp_path / 'b'}", f"dst={tmp_path / 'c'}"]) == 0
+    assert (tmp_path / "c" / "depth" / "depth_probe.json").read_bytes() == (probe / "depth_probe.json").read_bytes()

@@ -58,6 +58,7 @@ class BenchConfig:
     fold_compare: bool = True            # also run every sampler with fold_rerun=False
     rebind: list[int] = field(default_factory=list)  # also run rolling with each sampler.rebind r
     prior: list[float] = field(default_factory=list)  # also run rolling with each sampler.prior_t (turn prior)
+    walk: list[float] = field(default_factory=list)   # also run rolling with each sampler.walk_prior_t (walk prior)
     present: bool = True                 # time texture upload + present (EGL offscreen) when available
     window_scale: int = 8                # offscreen framebuffer = resolution * window_scale
     device: str = "cpu"                  # cpu | cuda | auto
@@ -86,7 +87,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
                                 "producer_frames": cfg.producer_frames >= 2, "producer_blocks": cfg.producer_blocks >= 1,
                                 "device": cfg.device in ("cpu", "cuda", "auto"),
                                 "rebind": all(r >= 1 for r in cfg.rebind),
-                                "prior": all(0.0 < t <= 1.0 for t in cfg.prior)})
+                                "prior": all(0.0 < t <= 1.0 for t in cfg.prior),
+                                "walk": all(0.0 < t <= 1.0 for t in cfg.walk)})
     to_dataclass(SamplerConfig, cfg.sampler, "bench sampler").validate()
     return cfg
 
@@ -138,7 +140,7 @@ def control_latency(cfg: SamplerConfig) -> dict[str, int]:
 def build_world(cfg: BenchConfig) -> World:
     from engine.actions import DEFAULT_SCHEMA
     from world_model.checkpoint import load_checkpoint, resolve_dir
-    from world_model.neural_world import DEFAULT_CHECKPOINT, classic_config_for
+    from world_model.neural_world import DEFAULT_CHECKPOINT, classic_config_for, depth_probe_for
 
     path = Path(cfg.checkpoint) if cfg.checkpoint else resolve_dir(DEFAULT_CHECKPOINT)
     kw: dict[str, Any] = {"device": cfg.device, "accel": cfg.accel}
@@ -148,7 +150,8 @@ def build_world(cfg: BenchConfig) -> World:
         return world
     ck = load_checkpoint(path, DEFAULT_SCHEMA)
     return World(ck.codec, ck.dit, f"checkpoint {path} (id {ck.id})",
-                 sampler_defaults=ck.config.get("sampler_defaults"), classic=classic_config_for(ck), **kw)
+                 sampler_defaults=ck.config.get("sampler_defaults"), classic=classic_config_for(ck),
+                 depth_net=depth_probe_for(path), path=str(path), **kw)
 
 
 # ----------------------------------------------------------------------------- the frame pipeline
@@ -309,6 +312,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         for pt in cfg.prior if "rolling" in cfg.samplers else []:   # ticks 30-39 of 60 are pure turns
             scfg = resolve_sampler_config(world.sampler_defaults, cfg.sampler, {"name": "rolling", "prior_t": pt})
             variants.append(Variant(f"rolling_prior{pt:g}", Stream(world, scfg), cfg.frames, cfg.warmup,
+                                    world, renderer, tracer, cfg.seed))
+        for wt in cfg.walk if "rolling" in cfg.samplers else []:   # the key script walks on most ticks
+            scfg = resolve_sampler_config(world.sampler_defaults, cfg.sampler, {"name": "rolling", "walk_prior_t": wt})
+            variants.append(Variant(f"rolling_walk{wt:g}", Stream(world, scfg), cfg.frames, cfg.warmup,
                                     world, renderer, tracer, cfg.seed))
         variants.append(Variant("classic", None, cfg.frames, cfg.warmup, world, renderer, tracer, cfg.seed))
         try:

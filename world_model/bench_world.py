@@ -17,9 +17,8 @@ from world_model.accel import FrameStager, WindowStep, prepare_for_device
 from world_model.codec import CodecConfig, FrameCodec
 from world_model.dit import ModelConfig, WorldDiT
 from world_model.flops import counted_flops
-from world_model.neural_world import camera_of
+from world_model.neural_world import camera_of, prior_of
 from world_model.samplers import SamplerConfig, make_sampler
-from world_model.view_warp import TurnPrior
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("input", "window_forward", "cache_rerun", "sampler_other", "decode", "present")
@@ -45,7 +44,7 @@ class World:
 
     def __init__(self, codec: FrameCodec, model: WorldDiT, source: str, device: str = "cpu",
                  accel: str = "auto", sampler_defaults: Optional[dict[str, Any]] = None,
-                 classic: Any = None) -> None:
+                 classic: Any = None, depth_net: Any = None, path: str = "") -> None:
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
         self.model, self.codec, self.dtype = prepare_for_device(model, codec, dev)
@@ -53,6 +52,7 @@ class World:
         self.step_model = WindowStep(model, accel)
         # The checkpoint's recommendation, as stored; resolve_sampler_config drops unknown keys.
         self.sampler_defaults = dict(sampler_defaults or {})
+        self.depth_net, self.path = depth_net, path       # the walk prior's depth probe; the checkpoint
         from engine.classic_game import ClassicConfig
         r = codec.cfg.resolution
         self.classic = classic or ClassicConfig(width=r, height=r)
@@ -97,8 +97,8 @@ class Stream:
 
     def __init__(self, world: World, cfg: SamplerConfig) -> None:
         self.world, self.cfg = world, cfg
-        # the turn prior decodes and encodes on pure turns
-        prior = TurnPrior(world.codec, camera_of(world.classic)) if cfg.prior_t > 0 else None
+        # the turn and walk priors decode and encode on pure turns and on steps
+        prior = prior_of(world.codec, camera_of(world.classic), cfg, world.depth_net, world.path)
         self.sampler = make_sampler(world.step_model, cfg, prior)
         self.stager = FrameStager(world.codec)
 

@@ -185,6 +185,14 @@ def save_checkpoint(path: Path | str, codec: torch.nn.Module, dit: Optional[torc
     return config["id"]
 
 
+def read_json(p: Path) -> Any:
+    """The parsed JSON file ``p``; a one-line CheckpointError if it cannot be read or parsed."""
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON: {str(e).splitlines()[0]}") from None
+
+
 def read_config(path: Path | str) -> dict[str, Any]:
     """Parse and validate ``config.json`` of a checkpoint directory (no weights read)."""
     path = Path(path)
@@ -194,10 +202,7 @@ def read_config(path: Path | str) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing (not a {FORMAT} directory)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON: {str(e).splitlines()[0]}") from None
+    config = read_json(cfg_path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         got = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{cfg_path}: not a {FORMAT} config (format={got!r})")

@@ -48,6 +48,7 @@ def _variants() -> dict[str, dict[str, Any]]:
             "rolling_ctx0": {"name": "rolling", "context_t": 0.0},
             "rolling_rebind": {"name": "rolling", "rebind": 3},
             "rolling_prior": {"name": "rolling", "prior_t": 0.15},
+            "rolling_noprior": {"name": "rolling", "prior_t": 0.0},
             "causal": {"name": "causal"}, "teacher": {"name": "teacher"}}
 
 

@@ -31,9 +31,12 @@ from engine.source import Sensors
 from world_model.accel import FrameStager, WindowStep, prepare_for_device
 from world_model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, read_config
 from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
+from world_model.depth_probe import ColumnDepthNet, load_depth_probe
 from world_model.view_warp import Camera, TurnPrior
+from world_model.walk_prior import WalkPrior
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default"
+DEPTH_DIR = "depth"   # a checkpoint's depth probe (world_model.depth_probe), for the walk prior
 
 
 @dataclass
@@ -69,7 +72,9 @@ def classic_config_for(ckpt: LoadedCheckpoint) -> ClassicConfig:
 
 def camera_of(classic: ClassicConfig) -> Camera:
     """The classic game's camera: field of view, degrees per unit of turn."""
-    return Camera(fov_deg=classic.fov_deg, turn_deg=classic.turn_deg)
+    return Camera(fov_deg=classic.fov_deg, turn_deg=classic.turn_deg, walk_speed=classic.walk_speed,
+                  strafe_speed=classic.strafe_speed, run_multiplier=classic.run_multiplier,
+                  player_radius=classic.player_radius)
 
 
 def camera_for(ckpt: LoadedCheckpoint) -> Camera:
@@ -77,9 +82,29 @@ def camera_for(ckpt: LoadedCheckpoint) -> Camera:
     return camera_of(classic_config_for(ckpt))
 
 
+def depth_probe_for(ckpt_path: Path | str) -> Optional[ColumnDepthNet]:
+    """The walk prior's depth probe shipped in a checkpoint directory (``depth/``), or None."""
+    where = Path(ckpt_path) / DEPTH_DIR
+    return load_depth_probe(where)[0] if where.is_dir() else None
+
+
+def prior_of(codec: torch.nn.Module, camera: Camera, cfg: SamplerConfig, depth_net: Optional[ColumnDepthNet],
+             ckpt_path: Path | str) -> Optional[TurnPrior]:
+    """The prior a sampler config asks for: a ``WalkPrior`` (``walk_prior_t`` > 0; needs the depth
+    probe), else a ``TurnPrior`` (``prior_t`` > 0), else None."""
+    if cfg.walk_prior_t > 0:
+        if depth_net is None:
+            where = Path(ckpt_path) / DEPTH_DIR
+            raise ConfigError(f"sampler.walk_prior_t > 0 needs a depth probe in {where} (make one with "
+                              f"python -m world_model.depth_probe out={where} codec={ckpt_path})")
+        return WalkPrior(codec, camera, depth_net.to(next(codec.parameters()).device))
+    return TurnPrior(codec, camera) if cfg.prior_t > 0 else None
+
+
 def turn_prior_for(ckpt: LoadedCheckpoint, codec: torch.nn.Module, cfg: SamplerConfig) -> Optional[TurnPrior]:
-    """The turn prior a sampler config asks for (``prior_t`` > 0), else None."""
-    return TurnPrior(codec, camera_for(ckpt)) if cfg.prior_t > 0 else None
+    """``prior_of`` for a loaded checkpoint (its camera, and its depth probe when asked for)."""
+    depth = depth_probe_for(ckpt.path) if cfg.walk_prior_t > 0 else None
+    return prior_of(codec, camera_for(ckpt), cfg, depth, ckpt.path)
 
 
 class NeuralWorld:

@@ -9,8 +9,10 @@ last frame by the known camera motion, let the generator refine it and fill in w
 not visible (the strip entering at the edge). ``TurnPrior`` makes the warped frame; every
 sampler can start a pure-turn frame's denoising from it at a low noise level
 (``SamplerConfig.prior_t``) instead of from pure noise, or inpaint around it
-(``prior_inpaint``). Off by default: held turns follow the game far better, but 3-minute
-streams lose the world's look sooner (docs/world_model.md, "The turn prior, measured").
+(``prior_inpaint``). Off by default: held turns follow the game far better, but long streams
+lose the world's look sooner, over 3 minutes unbounded and over 10 minutes even with
+``prior_max_deg`` (docs/world_model.md, "The turn prior, measured" and "Why the turn prior
+drifts, and a bound on it"). ``world_model.walk_prior`` extends it to steps.
 
 Geometry (the classic game's camera, ``engine.classic_game``): column x of a W-wide frame
 looks along angle ``atan(c_x)`` off the view direction, c_x = ((x + 0.5) 2 / W - 1) tan(fov / 2).
@@ -29,18 +31,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TURN, MOVE, STRAFE = 2, 0, 1  # columns of the (4,) control: move, strafe, turn, run
+MOVE, STRAFE, TURN, RUN = 0, 1, 2, 3  # columns of the (4,) control: move, strafe, turn, run
 
 
 @dataclass
 class Camera:
     fov_deg: float = 66.0     # horizontal field of view
     turn_deg: float = 4.0     # degrees turned per tick at turn = 1 (positive: right)
+    # the walk prior's (world_model/walk_prior.py): cells per tick at move / strafe = 1, the run
+    # button's factor, and how close the game lets the eye come to a wall
+    walk_speed: float = 0.055
+    strafe_speed: float = 0.055
+    run_multiplier: float = 1.8
+    player_radius: float = 0.2
 
     def validate(self) -> None:
         if not (1.0 <= self.fov_deg <= 170.0) or not math.isfinite(self.turn_deg):
             raise ValueError(f"camera: fov_deg must be in [1, 170] and turn_deg finite, got "
                              f"{self.fov_deg}, {self.turn_deg}")
+        speeds = (self.walk_speed, self.strafe_speed, self.run_multiplier, self.player_radius)
+        if not all(math.isfinite(v) and v >= 0 for v in speeds):
+            raise ValueError(f"camera: walk_speed, strafe_speed, run_multiplier and player_radius must be "
+                             f"finite and >= 0, got {speeds}")
 
 
 def _source_columns(deg: Tensor, width: int, fov_deg: float) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ from ..dit import WorldDiT, prev_inputs
 from ..kv_cache import KVCache
 from ..schedule import eps_from_v, euler_levels, renoise, x0_from_v
 from ..view_warp import TurnPrior
+from ..walk_prior import HeldWalk, WalkPrior
 
 
 @dataclass
@@ -83,6 +84,14 @@ class SamplerConfig:
     # last, and the strip entering at the edge is the old edge repeated: bounding the chain bounds
     # both (docs/world_model.md, "Why the turn prior drifts")
     prior_max_deg: float = 0.0
+    # a frame whose control walks or strafes (it may also turn) starts its denoising at this level
+    # from the held walk's first frame moved by the motion since (world_model/walk_prior.py), alone,
+    # in ceil(steps * walk_prior_t) steps, like the turn prior; 0 = off. Needs a WalkPrior (a depth
+    # probe in the checkpoint)
+    walk_prior_t: float = 0.0
+    # the most cells of one held walk made from the walk prior; later frames of the walk are made as
+    # without it (0 = no limit). A walk that also turns stops using it after ``prior_max_deg`` too
+    walk_prior_max_cells: float = 0.0
 
     def validate(self) -> None:
         if self.renoise not in ("fresh", "ode"):
@@ -106,6 +115,10 @@ class SamplerConfig:
             raise ValueError(f"sampler.prior_t must be in [0, 1], got {self.prior_t}")
         if not 0.0 <= self.prior_max_deg <= 3600.0:
             raise ValueError(f"sampler.prior_max_deg must be in [0, 3600], got {self.prior_max_deg}")
+        if not 0.0 <= self.walk_prior_t <= 1.0:
+            raise ValueError(f"sampler.walk_prior_t must be in [0, 1], got {self.walk_prior_t}")
+        if not 0.0 <= self.walk_prior_max_cells <= 1000.0:
+            raise ValueError(f"sampler.walk_prior_max_cells must be in [0, 1000], got {self.walk_prior_max_cells}")
 
 
 def resolve_sampler_config(checkpoint_defaults: Mapping[str, Any] | None,
@@ -354,11 +367,15 @@ class StreamSampler(ABC):
         if cfg.prior_t > 0 and prior is None:
             raise ValueError("sampler.prior_t > 0 needs a turn prior (a codec and a camera): "
                              "build the sampler with make_sampler(..., prior=TurnPrior(...))")
+        if cfg.walk_prior_t > 0 and not isinstance(prior, WalkPrior):
+            raise ValueError("sampler.walk_prior_t > 0 needs a walk prior (a codec, a camera and a depth "
+                             "probe): build the sampler with make_sampler(..., prior=WalkPrior(...))")
         self.model = model
         self.cfg = cfg
-        self.prior = prior if cfg.prior_t > 0 else None
+        self.prior = prior if (cfg.prior_t > 0 or cfg.walk_prior_t > 0) else None
         self._last_clean: Tensor | None = None     # the newest clean frame (C, h, w): the prior's input
         self._held_deg = 0.0        # degrees turned by the current run of pure-turn steps (prior_max_deg)
+        self._walk: HeldWalk | None = None         # the walk being held (walk_prior_t), or None
         self.history: History = (CachedHistory(model, cfg.sink_frames, cfg.cache_frames, cfg.fold_rerun)
                                   if cfg.use_cache else RecomputeHistory(model, cfg.sink_frames, cfg.cache_frames))
         self.generator: torch.Generator | None = None
@@ -428,6 +445,7 @@ class StreamSampler(ABC):
         controls = controls.to(self._dev, self._dt)
         self._last_clean = None
         self._held_deg = 0.0
+        self._walk = None
         for i in range(context.shape[0]):
             self._commit(context[i], controls[i])
         last = controls[-1] if controls.shape[0] else torch.zeros(self.model.cfg.control_dim,
@@ -451,32 +469,61 @@ class StreamSampler(ABC):
         """Whether steps re-noise with the predicted noise (deterministic ODE) instead of fresh noise."""
         return self.cfg.renoise == "ode"
 
-    def _prior_applies(self, control: Tensor) -> bool:
-        """Whether this step's frame starts from the turn prior. Called once per step (it also
-        counts the degrees of the turn held so far, for ``prior_max_deg``)."""
+    def _prior_kind(self, control: Tensor) -> str | None:
+        """Which prior this step's frame starts from: "turn" (a pure turn, ``prior_t``), "walk" (a
+        step, ``walk_prior_t``) or None. Called once per step: it also keeps the held turn's degrees
+        (``prior_max_deg``) and the held walk's anchor and pose (``walk_prior_max_cells``)."""
         if self.prior is None:
-            return False
-        if not self.prior.applies(control):
+            return None
+        control = control.detach().float().cpu()  # (4,): one copy (a GPU sync) for every question
+        if self.cfg.walk_prior_t > 0 and isinstance(self.prior, WalkPrior) and self.prior.walks(control):
+            self._held_deg = 0.0                  # a step ends a held turn
+            return "walk" if self._walk_on(self.prior, control) else None
+        self._walk = None                         # anything but a step ends a held walk
+        if self.cfg.prior_t <= 0 or not self.prior.applies(control):
             self._held_deg = 0.0                  # anything but a pure turn ends a held turn
-            return False
+            return None
         self._held_deg += self.prior.degrees(control)
         limit = self.cfg.prior_max_deg
-        return self._last_clean is not None and (limit <= 0 or self._held_deg <= limit + 1e-6)
+        return "turn" if self._last_clean is not None and (limit <= 0 or self._held_deg <= limit + 1e-6) else None
 
-    def _prior_levels(self, steps: int) -> Tensor:
-        """(n + 1,) levels prior_t .. 0 of a frame started from the prior: n = ceil(steps * prior_t)."""
-        n = max(1, math.ceil(steps * self.cfg.prior_t))
-        return euler_levels(n, self.cfg.shift) * self.cfg.prior_t
+    def _walk_on(self, prior: WalkPrior, control: Tensor) -> bool:
+        """Advance the held walk by one tick of ``control`` (starting it from the newest clean frame
+        if none is held); whether this frame is still within ``walk_prior_max_cells``."""
+        if self._walk is None:
+            if self._last_clean is None:
+                return False
+            self._walk = HeldWalk(prior.anchor(self._last_clean))
+        w = self._walk
+        w.pose = prior.clamp(w.anchor, w.pose.advanced(*prior.step(control)))
+        cells, deg = self.cfg.walk_prior_max_cells, self.cfg.prior_max_deg   # a walk that turns: both bounds
+        return (cells <= 0 or w.pose.cells <= cells + 1e-6) and (deg <= 0 or abs(w.pose.deg) <= deg + 1e-6)
 
-    def _from_prior(self, control: Tensor, prior_levels: Tensor, full_levels: Tensor) -> Tensor:
-        """One frame from the last clean frame rotated by ``control``'s turn, denoised alone
-        (``_denoise_alone``): put at level prior_levels[0] (= prior_t), or with ``prior_inpaint``
-        from pure noise through ``full_levels`` with the known columns pasted. Returns (C, h, w)."""
+    def _prior_levels(self, steps: int, t: float) -> Tensor:
+        """(n + 1,) levels t .. 0 of a frame started from a prior at level t: n = ceil(steps * t)."""
+        n = max(1, math.ceil(steps * t))
+        return euler_levels(n, self.cfg.shift) * t
+
+    def _init_prior_levels(self, steps: int) -> None:
+        """The level ladders of both priors for a sampler of ``steps`` levels."""
+        self.prior_levels = self._prior_levels(steps, self.cfg.prior_t)               # (n + 1,)
+        self.walk_levels = self._prior_levels(steps, self.cfg.walk_prior_t)           # (m + 1,)
+
+    def _from_prior(self, control: Tensor, kind: str, full_levels: Tensor) -> Tensor:
+        """One frame started from a prior, denoised alone (``_denoise_alone``). "walk": the held
+        walk's anchor moved to its pose, put at level ``walk_prior_t``. "turn": the last clean frame
+        rotated by ``control``'s turn, put at level ``prior_t``, or with ``prior_inpaint`` drawn from
+        pure noise through ``full_levels`` with the known columns pasted. Returns (C, h, w)."""
         assert self.prior is not None and self._last_clean is not None
+        if kind == "walk":
+            assert isinstance(self.prior, WalkPrior) and self._walk is not None
+            z = self.prior.warp(self._walk.anchor, self._walk.pose, self._last_clean)   # (C, h, w)
+            lv = self.walk_levels.to(self._dev, self._dt)
+            return self._denoise_alone(renoise(z, lv[0], self._noise(*z.shape))[None], lv, control)
         z = self.prior(self._last_clean, control)                          # (C, h, w)
         noise = self._noise(*z.shape)
         if not self.cfg.prior_inpaint:
-            lv = prior_levels.to(self._dev, self._dt)
+            lv = self.prior_levels.to(self._dev, self._dt)
             return self._denoise_alone(renoise(z, lv[0], noise)[None], lv, control)
         known = self.prior.known_columns(control, z.shape[-1]).to(self._dev)      # (w,)
         return self._denoise_alone(noise[None], full_levels.to(self._dev, self._dt), control, (z, known))

@@ -12,7 +12,9 @@ next frame's first forward). ``steps`` forwards (+ one rerun if not folded) per 
 With a turn prior (``prior_t`` > 0, ``world_model/view_warp.py``): a frame whose control is a
 pure turn starts at level ``prior_t`` from the last clean frame rotated by that turn, and
 runs the ceil(steps * prior_t) levels of ``euler_levels`` scaled into [0, prior_t]
-(``StreamSampler._from_prior``).
+(``StreamSampler._from_prior``). With a walk prior (``walk_prior_t`` > 0,
+``world_model/walk_prior.py``) a step's frame starts the same way from the held walk's anchor
+moved by the motion since.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ class CausalSampler(StreamSampler):
     def __init__(self, model: WorldDiT, cfg: SamplerConfig, prior: TurnPrior | None = None) -> None:
         super().__init__(model, cfg, prior)
         self.levels = euler_levels(self.num_steps, cfg.shift)     # (steps + 1,) 1 .. 0
-        self.prior_levels = self._prior_levels(self.num_steps)    # (n + 1,) prior_t .. 0
+        self._init_prior_levels(self.num_steps)                   # prior_t .. 0, walk_prior_t .. 0
         c = model.cfg
         self._frame_shape = (c.latent_channels, c.latent_res, c.latent_res)
 
@@ -37,7 +39,8 @@ class CausalSampler(StreamSampler):
         return self.cfg.steps
 
     def _step(self, control: Tensor) -> Tensor:
-        if self._prior_applies(control):
-            return self._from_prior(control, self.prior_levels, self.levels)
+        kind = self._prior_kind(control)
+        if kind is not None:
+            return self._from_prior(control, kind, self.levels)
         x = self._noise(*self._frame_shape)[None]                       # (1, C, h, w) at level 1
         return self._denoise_alone(x, self.levels.to(self._dev, self._dt), control)

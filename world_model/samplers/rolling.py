@@ -29,7 +29,9 @@ Attention inside the window is bidirectional; the window sees the history
 * Turn prior (``prior_t`` > 0, ``world_model/view_warp.py``): a step whose control is a pure
   turn drops the window and makes its frame alone from the last frame rotated by the turn, at
   level ``prior_t`` (``StreamSampler._from_prior``); the first step after the turn refills the
-  window (W-1 more forwards on that tick, like the warm-up).
+  window (W-1 more forwards on that tick, like the warm-up). The walk prior (``walk_prior_t``,
+  ``world_model/walk_prior.py``) does the same for steps, from the held walk's anchor moved by
+  the motion since.
 * The emitted frame's clean K/V enter the history (``fold_rerun`` folds that
   rerun into the next forward; see ``base.CachedHistory``).
 """
@@ -48,7 +50,7 @@ class RollingSampler(StreamSampler):
     def __init__(self, model: WorldDiT, cfg: SamplerConfig, prior: TurnPrior | None = None) -> None:
         super().__init__(model, cfg, prior)
         self.W = cfg.steps
-        self.prior_levels = self._prior_levels(self.W)             # (n + 1,) prior_t .. 0
+        self._init_prior_levels(self.W)                            # prior_t .. 0, walk_prior_t .. 0
         self.inpaint_levels = euler_levels(self.W, cfg.shift)      # (W + 1,) 1 .. 0: prior_inpaint
         self.levels, self.lower = rolling_bands(self.W, cfg.shift)  # (W,) increasing, back = 1.0; band bottoms
         self._levels, self._lower = self.levels, self.lower       # on the stream's device/dtype (_warm_up)
@@ -72,12 +74,13 @@ class RollingSampler(StreamSampler):
             assert emitted is None
 
     def _step(self, control: Tensor) -> Tensor:
-        if self._prior_applies(control):
-            # A pure turn with a turn prior: the window's frames were laid out under earlier
-            # controls; drop them and make this frame alone from the turned last frame.
+        kind = self._prior_kind(control)
+        if kind is not None:
+            # A turn or a step with its prior: the window's frames were laid out under earlier
+            # controls; drop them and make this frame alone from the moved last frame.
             self.x, self.u = self.x[:0], self.u[:0]
-            return self._from_prior(control, self.prior_levels, self.inpaint_levels)
-        while self.x.shape[0] < self.W - 1:                                      # refill after a turn
+            return self._from_prior(control, kind, self.inpaint_levels)
+        while self.x.shape[0] < self.W - 1:                                      # refill after a prior
             self._advance(control)
         out = self._advance(control)
         assert out is not None
