@@ -97,7 +97,8 @@ def prior_of(codec: torch.nn.Module, camera: Camera, cfg: SamplerConfig, depth_n
             where = Path(ckpt_path) / DEPTH_DIR
             raise ConfigError(f"sampler.walk_prior_t > 0 needs a depth probe in {where} (make one with "
                               f"python -m world_model.depth_probe out={where} codec={ckpt_path})")
-        return WalkPrior(codec, camera, depth_net.to(next(codec.parameters()).device))
+        device = next(iter(codec.parameters()), torch.empty(0)).device      # the codec's (CPU if it has none)
+        return WalkPrior(codec, camera, depth_net.to(device))
     return TurnPrior(codec, camera) if cfg.prior_t > 0 else None
 
 
