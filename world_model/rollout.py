@@ -46,7 +46,7 @@ Equivalence to inference: with grad off, B = 1 and the same generator, the
 emitted frames equal ``RollingSampler`` / ``CausalSampler`` (use_cache, fold on
 or off) frame for frame, also after the cache starts to roll: noise is drawn in
 the samplers' order and shapes, and the cache and fold logic mirror
-``samplers.base.CachedHistory`` (tests/test_rollout.py).
+``samplers.history.CachedHistory`` (tests/test_rollout.py).
 """
 from __future__ import annotations
 

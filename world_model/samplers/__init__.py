@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..dit import WorldDiT
 from ..view_warp import TurnPrior
-from .base import CachedHistory, History, RecomputeHistory, SamplerConfig, StreamSampler, resolve_sampler_config
+from .base import SamplerConfig, StreamSampler, resolve_sampler_config
+from .history import CachedHistory, History, RecomputeHistory
 from .causal import CausalSampler
 from .rolling import RollingSampler
 from .teacher import TeacherSampler

@@ -33,7 +33,7 @@ Attention inside the window is bidirectional; the window sees the history
   ``world_model/walk_prior.py``) does the same for steps, from the held walk's anchor moved by
   the motion since.
 * The emitted frame's clean K/V enter the history (``fold_rerun`` folds that
-  rerun into the next forward; see ``base.CachedHistory``).
+  rerun into the next forward; see ``history.CachedHistory``).
 """
 from __future__ import annotations
 
