@@ -16,7 +16,7 @@ from tests.test_dit import tiny_model
 from tests.test_samplers import _context
 from world_model.checkpoint import LoadedCheckpoint
 from world_model.depth_probe import ColumnDepthNet, DepthProbeConfig, save_depth_probe
-from world_model.neural_world import DEPTH_DIR, turn_prior_for
+from world_model.neural_world import DEPTH_DIR, prior_for
 from world_model.samplers import SamplerConfig, make_sampler
 from world_model.view_warp import Camera, TurnPrior
 from world_model.walk_prior import Anchor, Pose, WalkPrior
@@ -170,11 +170,11 @@ def test_walk_prior_config_errors(tmp_path: Path) -> None:
             SamplerConfig(**bad).validate()
     ckpt = LoadedCheckpoint(codec=None, dit=None, config={"resolution": [64, 64]}, id="x", path=tmp_path)
     with pytest.raises(ConfigError, match="depth probe"):
-        turn_prior_for(ckpt, _IdentityCodec(), SamplerConfig(walk_prior_t=0.2))
+        prior_for(ckpt, _IdentityCodec(), SamplerConfig(walk_prior_t=0.2))
     save_depth_probe(ColumnDepthNet(width=2), DepthProbeConfig(width=2), tmp_path / DEPTH_DIR)
-    prior = turn_prior_for(ckpt, torch.nn.Conv2d(1, 1, 1), SamplerConfig(walk_prior_t=0.2, prior_t=0.1))
+    prior = prior_for(ckpt, torch.nn.Conv2d(1, 1, 1), SamplerConfig(walk_prior_t=0.2, prior_t=0.1))
     assert isinstance(prior, WalkPrior) and prior.camera.walk_speed == ClassicConfig().walk_speed
-    assert type(turn_prior_for(ckpt, _IdentityCodec(), SamplerConfig(prior_t=0.1))) is TurnPrior
+    assert type(prior_for(ckpt, _IdentityCodec(), SamplerConfig(prior_t=0.1))) is TurnPrior
 
 
 class _ImageWalk(_StubWalk):

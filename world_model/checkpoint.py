@@ -115,14 +115,18 @@ def _is_pickle(p: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def _refuse_pickles(path: Path) -> None:
+def _refuse_pickles(path: Path, weights_file: str = WEIGHTS_FILE, config_file: str = CONFIG_FILE,
+                    kind: str = "checkpoint") -> None:
+    """One-line CheckpointError if ``path`` (an existing path) is a pickle or a file, or its
+    ``weights_file`` is a pickle, or it holds pickles instead of its weights. ``kind`` names the
+    directory in messages (the depth probe, world_model.depth_probe, uses it too)."""
     if path.is_file():
         if _is_pickle(path) or path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{path}: refusing to load a pickle (arbitrary code); "
-                                  f"checkpoints are directories with {WEIGHTS_FILE} + {CONFIG_FILE}")
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected a directory with "
-                              f"{WEIGHTS_FILE} + {CONFIG_FILE})")
-    weights = path / WEIGHTS_FILE
+                                  f"{kind}s are directories with {weights_file} + {config_file}")
+        raise CheckpointError(f"{path}: not a {kind} directory (expected a directory with "
+                              f"{weights_file} + {config_file})")
+    weights = path / weights_file
     if weights.is_file() and _is_pickle(weights):
         raise CheckpointError(f"{weights}: refusing to load a pickle disguised as safetensors")
     if not weights.exists():
@@ -130,7 +134,7 @@ def _refuse_pickles(path: Path) -> None:
                          and (p.suffix in PICKLE_SUFFIXES or _is_pickle(p)))
         if pickles:
             raise CheckpointError(f"{path}: refusing to load a pickle ({pickles[0]}); "
-                                  f"expected {WEIGHTS_FILE} (safetensors)")
+                                  f"expected {weights_file} (safetensors)")
 
 
 # ---------------------------------------------------------------------------- published checkpoints

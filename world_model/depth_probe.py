@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from engine.cli import check_ranges, json_main, parse_kv_args
 from engine.config import ConfigError, to_plain
-from world_model.checkpoint import _file_sha, read_json  # a checkpoint's sha256 and JSON reader
+from world_model.checkpoint import (CheckpointError, _check_state, _file_sha, _refuse_pickles, atomic_dir,
+                                    load_codec, read_json)  # a depth probe is stored like a checkpoint
 from world_model.walk_warp import classic_column_depth  # the ground truth: the game's own rays
 
 HELDOUT_SEED0 = 100000              # evaluation worlds start here; training worlds lie below
@@ -219,7 +220,6 @@ def _classic_for(cfg: DepthProbeConfig) -> tuple[Any, Any]:
 
     if not cfg.codec:
         return ClassicConfig(), None
-    from world_model.checkpoint import load_codec
     from world_model.neural_world import classic_config_for
 
     loaded = load_codec(cfg.codec)
@@ -306,8 +306,6 @@ def save_depth_probe(net: ColumnDepthNet, cfg: DepthProbeConfig, out_dir: Path |
                      metrics: Optional[dict[str, Any]] = None) -> Path:
     """Write ``out_dir/depth_probe.safetensors`` + ``depth_probe.json`` (config, net width, depth
     range, weights sha256, ``metrics`` incl. the classic game config) atomically; return the dir."""
-    from world_model.checkpoint import atomic_dir
-
     out = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     with atomic_dir(out) as tmp:
@@ -326,18 +324,11 @@ def load_depth_probe(path: Path | str) -> tuple[ColumnDepthNet, dict[str, Any]]:
     Refuses with a one-line CheckpointError: a missing directory or file, a pickle (by content
     or suffix), invalid JSON, another format, a truncated/corrupt/modified weights file,
     missing, unexpected or mis-shaped tensors."""
-    from world_model.checkpoint import PICKLE_SUFFIXES, CheckpointError, _is_pickle
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such depth probe directory")
-    if path.is_file():
-        what = "a pickle (arbitrary code)" if _is_pickle(path) or path.suffix in PICKLE_SUFFIXES else "a file"
-        raise CheckpointError(f"{path}: refusing to load {what}; a depth probe is a directory with "
-                              f"{WEIGHTS_FILE} + {CONFIG_FILE}")
+    _refuse_pickles(path, WEIGHTS_FILE, CONFIG_FILE, "depth probe")
     weights, conf = path / WEIGHTS_FILE, path / CONFIG_FILE
-    if weights.is_file() and _is_pickle(weights):
-        raise CheckpointError(f"{weights}: refusing to load a pickle disguised as safetensors")
     for p in (conf, weights):
         if not p.is_file():
             raise CheckpointError(f"{p}: missing (not a depth probe directory)")
@@ -355,16 +346,7 @@ def load_depth_probe(path: Path | str) -> tuple[ColumnDepthNet, dict[str, Any]]:
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 64:
         raise CheckpointError(f"{conf}: net.width must be an int in [1, 64], got {width!r}")
     net = ColumnDepthNet(width)
-    want = net.state_dict()
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    if missing or extra:
-        raise CheckpointError(f"{weights}: " + (f"missing tensor {missing[0]}" if missing else
-                                                f"unexpected tensor {extra[0]}"))
-    for k, v in want.items():
-        if tuple(tensors[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{weights}: tensor {k} has shape {tuple(tensors[k].shape)}, "
-                                  f"width {width} builds {tuple(v.shape)}")
-    net.load_state_dict(tensors)
+    net.load_state_dict(_check_state(net, tensors, "", weights))      # missing, extra, mis-shaped: refused
     return net.eval(), doc
 
 

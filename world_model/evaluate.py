@@ -36,7 +36,7 @@ from world_model.eval_probes import ACTION_CLASSES, ProbeConfig, Probes, collect
 from world_model.eval_report import markdown, write_plots
 from world_model.eval_streams import (Session, decode_frames, floor_reference, from_context_metrics, measure_latency,
                                       roundtrip_frames, run_drift_stream, summarize_drift)
-from world_model.neural_world import NeuralConfig, NeuralWorld, camera_for, classic_config_for, turn_prior_for
+from world_model.neural_world import NeuralConfig, NeuralWorld, camera_for, classic_config_for, prior_for
 from world_model.samplers import SamplerConfig, make_sampler, resolve_sampler_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -293,7 +293,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "frames_per_session": [len(s.frames) for s in sessions], "quick": cfg.quick,
         "samplers": {n: to_plain(s) for n, s in scfgs.items()}, "config": to_plain(cfg)}
     report["codec"] = timed("codec", lambda: eval_codec(sessions, cfg.codec_frames))
-    samplers = {n: make_sampler(ckpt.dit, s, turn_prior_for(ckpt, ckpt.codec, s)) for n, s in scfgs.items()}
+    samplers = {n: make_sampler(ckpt.dit, s, prior_for(ckpt, ckpt.codec, s)) for n, s in scfgs.items()}
     report["teacher_forced"], report["rollout"] = timed("teacher_forced+rollout", lambda: from_context_metrics(
         ckpt.codec, samplers, sessions, cfg.horizons, cfg.tf_positions, cfg.rollout_positions, cfg.seed))
     report["onsets"] = timed("onsets", lambda: onset_metrics(ckpt.codec, samplers, sessions, cfg.onsets, cfg.seed))

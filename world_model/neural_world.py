@@ -102,7 +102,7 @@ def prior_of(codec: torch.nn.Module, camera: Camera, cfg: SamplerConfig, depth_n
     return TurnPrior(codec, camera) if cfg.prior_t > 0 else None
 
 
-def turn_prior_for(ckpt: LoadedCheckpoint, codec: torch.nn.Module, cfg: SamplerConfig) -> Optional[TurnPrior]:
+def prior_for(ckpt: LoadedCheckpoint, codec: torch.nn.Module, cfg: SamplerConfig) -> Optional[TurnPrior]:
     """``prior_of`` for a loaded checkpoint (its camera, and its depth probe when asked for)."""
     depth = depth_probe_for(ckpt.path) if cfg.walk_prior_t > 0 else None
     return prior_of(codec, camera_for(ckpt), cfg, depth, ckpt.path)
@@ -135,7 +135,7 @@ class NeuralWorld:
         h, w = (int(v) for v in self.ckpt.config["resolution"])
         self.resolution = (h, w)
         self.sampler = make_sampler(WindowStep(self.dit, cfg.accel), cfg.sampler,
-                                    turn_prior_for(self.ckpt, self.codec, cfg.sampler))
+                                    prior_for(self.ckpt, self.codec, cfg.sampler))
         self.stager = FrameStager(self.codec)
         s = cfg.sampler
         self.context_frames = cfg.context_frames or (s.sink_frames + s.cache_frames)
