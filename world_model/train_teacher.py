@@ -12,6 +12,11 @@ one *noise layout*, drawn per sample:
   back, frame j drawn inside band j of ``schedule.rolling_levels(W, shift)``,
   under ``masks.rolling_train_mask`` (block-causal context, bidirectional
   window): exactly the joint-window denoising the rolling sampler performs.
+- **prior correction** (``prior_frac`` of the diffusion-forcing clips whose last
+  frame the samplers would start from a turn or walk prior; off by default):
+  low-noise context, then the last frame noised from its prior (built from the
+  real frames before it, ``world_model.prior_data``) and trained to land on the
+  real frame.
 
 Loss: per sample, the loss-weighted mean over frames of the velocity MSE; then
 the batch mean (so data-parallel gradient averaging equals one big batch).
@@ -40,6 +45,7 @@ from world_model.data import (ClipSampler, encode_sessions, session_meta, split_
                               step_torch_generator, weights_key)
 from world_model.ddp import DistInfo
 from world_model.dit import ModelConfig, WorldDiT, drop_prev, prev_inputs
+from world_model.prior_data import PriorSet, build_priors, mark_prior_clips, training_prior, validate_priors
 from world_model.schedule import (add_noise, eps_from_v, euler_levels, rolling_band_levels, shift_t,
                                   velocity_target, x0_from_v)
 from engine.session import encode_mp4
@@ -72,6 +78,17 @@ class TeacherStageConfig:
     # and the session list and written atomically, so runs on the same data may share one (the
     # pipeline's distill stage reads the teacher's instead of encoding 120k frames again, 8-10 min).
     latent_cache: Optional[str] = None
+    # Prior correction (world_model/prior_data.py): the share of diffusion-forcing clips whose last
+    # frame, if the samplers would start it from a turn or walk prior, is noised from that prior
+    # (built from the real frames before it) at a level in [prior_t_min, prior_t_max] and trained
+    # to land on the real frame, its earlier frames low-noise context; 0 = off. Walk priors need a
+    # depth probe directory (prior_depth, e.g. assets/default/depth); without one only turns get
+    # priors. prior_max_gap: the most frames between a walk prior's anchor and its frame.
+    prior_frac: float = 0.0
+    prior_depth: Optional[str] = None
+    prior_t_min: float = 0.1
+    prior_t_max: float = 0.35
+    prior_max_gap: int = 16
 
 
 @dataclass
@@ -152,31 +169,47 @@ class TeacherObjective(nn.Module):
                              persistent=False)
 
     def per_sample(self, x0: Tensor, controls: Tensor, t: Tensor, eps: Tensor, weight: Tensor,
-                   mask: Tensor, sink_gap: Tensor | None = None) -> Tensor:
+                   mask: Tensor, sink_gap: Tensor | None = None,
+                   prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(B,) weighted velocity MSE; x0, eps (B, F, C, h, w), t and weight (B, F).
 
         sink_gap (B,): frame stacking gives the first frame after a gapped sink no
         predecessor (zeros at level 1): the frame before it is not in the clip.
+        prior: (latents (B, F, C, h, w), on (B, F) bool): frames marked on are noised from the
+        prior instead of from x0, and their target is the velocity that still lands on x0,
+        (x_t - x0) / t: the network learns to take a warped frame to the real one
+        (``world_model.prior_data``). Their t must be > 0.
         """
-        xt = add_noise(x0, t[:, :, None, None, None], eps)                # (B, F, C, h, w)
+        tb = t[:, :, None, None, None]
+        xt = add_noise(x0, tb, eps)                                        # (B, F, C, h, w)
+        target = velocity_target(x0, eps)
+        if prior is not None:
+            on = prior[1][:, :, None, None, None]                          # (B, F, 1, 1, 1)
+            xp = add_noise(prior[0], tb, eps)
+            xt = torch.where(on, xp, xt)
+            target = torch.where(on, (xp - x0) / tb.clamp_min(1e-3), target)
         prev = None
         if self.dit.cfg.prev_frame:
             prev = prev_inputs(xt, t)                                      # (B, F, C, h, w), (B, F)
             if sink_gap is not None and bool((sink_gap > 0).any()) and self.S < xt.shape[1]:
                 prev = drop_prev(prev, self.S, sink_gap.to(xt.device) > 0)
         v = self.dit(xt, t, controls, mask=mask, prev=prev)               # (B, F, C, h, w)
-        err = (v - velocity_target(x0, eps)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
+        err = (v - target).pow(2).mean(dim=(2, 3, 4))                     # (B, F)
         return (err * weight).sum(1) / weight.sum(1).clamp_min(1e-8)
 
     def forward(self, x0: Tensor, controls: Tensor, t: Tensor, eps: Tensor, weight: Tensor,
-                n_rolling: int, sink_gap: Tensor | None = None) -> Tensor:
+                n_rolling: int, sink_gap: Tensor | None = None,
+                prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
         parts = []
         r = n_rolling
         g = sink_gap if sink_gap is not None else torch.zeros(x0.shape[0], dtype=torch.long)
+        part = (lambda sl: None) if prior is None else (lambda sl: (prior[0][sl], prior[1][sl]))
         if r:
-            parts.append(self.per_sample(x0[:r], controls[:r], t[:r], eps[:r], weight[:r], self.rolling, g[:r]))
+            parts.append(self.per_sample(x0[:r], controls[:r], t[:r], eps[:r], weight[:r], self.rolling,
+                                         g[:r], part(slice(0, r))))
         if r < x0.shape[0]:
-            parts.append(self.per_sample(x0[r:], controls[r:], t[r:], eps[r:], weight[r:], self.causal, g[r:]))
+            parts.append(self.per_sample(x0[r:], controls[r:], t[r:], eps[r:], weight[r:], self.causal,
+                                         g[r:], part(slice(r, None))))
         return torch.cat(parts).mean()
 
 
@@ -197,6 +230,11 @@ class TeacherTask(Task):
         self.name = "teacher"
         if cfg.t_dist not in ("logit_normal", "uniform"):
             raise ConfigError(f"stage.t_dist must be logit_normal or uniform, got {cfg.t_dist!r}")
+        if not (0.0 <= cfg.prior_frac <= 1.0 and 0.0 < cfg.prior_t_min <= cfg.prior_t_max <= 1.0
+                and cfg.prior_max_gap >= 1):
+            raise ConfigError(f"stage: need 0 <= prior_frac <= 1, 0 < prior_t_min <= prior_t_max <= 1 and "
+                              f"prior_max_gap >= 1, got {cfg.prior_frac}, {cfg.prior_t_min}, "
+                              f"{cfg.prior_t_max}, {cfg.prior_max_gap}")
         sd = _sampler_defaults()
         self.S = cfg.sink_frames if cfg.sink_frames is not None else int(sd.get("sink_frames", 1))
         cache = cfg.cache_frames if cfg.cache_frames is not None else int(sd.get("cache_frames", 3))
@@ -239,6 +277,13 @@ class TeacherTask(Task):
         # The game config the data came from: NeuralWorld rebuilds its shadow game from it.
         meta0 = session_meta(train[0])
         self.classic = meta0.get("config") if meta0.get("source") == "classic" else None
+        self.priors: Optional[PriorSet] = None
+        if cfg.prior_frac > 0:
+            if self.classic is None:
+                raise ConfigError("stage.prior_frac > 0 needs sessions recorded from the classic game (its camera)")
+            prior = training_prior(self.codec, self.classic, cfg.prior_depth)
+            self.priors = build_priors(self.latents, prior, cfg.prior_max_gap, seed,
+                                       cache_dir=cfg.latent_cache or Path(out) / "cache", progress=progress)
         self.clips = ClipSampler(self.latents, self.F, cfg.batch, sessions=range(n_train),
                                  sink_frames=self.S, p_sink=cfg.p_sink, max_sink_gap=cfg.max_sink_gap,
                                  seed=seed, rank=dist.rank)
@@ -255,12 +300,23 @@ class TeacherTask(Task):
         lay = sample_layout(self.cfg.batch, self.F, self.W, self.cfg, self.shift,
                             step_rng(self.seed, self.dist.rank, pos, stream=1),
                             step_torch_generator(self.seed, self.dist.rank, pos))
+        prior = None
+        if self.priors is not None:        # prior-correction clips (prior_data.mark_prior_clips)
+            c = self.cfg
+            on = mark_prior_clips(self.priors.kind[batch.index[:, -1]] != 0, lay.t, lay.weight, lay.n_rolling,
+                                  c.prior_frac, (c.prior_t_min, c.prior_t_max), c.context_noise_max,
+                                  step_rng(self.seed, self.dist.rank, pos, stream=3),
+                                  step_torch_generator(self.seed, self.dist.rank, pos, stream=3))
+            if on is not None:
+                prior = (self.priors.clip_latents(batch.index), on)
         gen = step_torch_generator(self.seed, self.dist.rank, pos, stream=2)
         eps = torch.randn(batch.latents.shape, generator=gen)             # (B, F, C, h, w)
         loss = model(batch.latents, batch.controls, lay.t, eps, lay.weight, lay.n_rolling,
-                     torch.from_numpy(batch.sink_gap))
-        return loss, {"rolling_frac": lay.n_rolling / self.cfg.batch,
-                      "sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
+                     torch.from_numpy(batch.sink_gap), prior)
+        m = {"rolling_frac": lay.n_rolling / self.cfg.batch, "sink_aug_frac": float(np.mean(batch.sink_gap > 0))}
+        if self.priors is not None:        # only then: a resumed older run keeps its log columns
+            m["prior_frac"] = 0.0 if prior is None else float(prior[1].any(1).float().mean())
+        return loss, m
 
     def items_per_step(self) -> int:
         return self.cfg.batch * self.F * self.model.dit.tokens_per_frame
@@ -320,6 +376,9 @@ class TeacherTask(Task):
              f"{n}_copy_last_psnr": psnr(real[:, 0], real[:, 1]),
              f"{n}_codec_psnr": psnr(recon_f, real[:, 1])}
         m[f"{n}_gain_over_copy_db"] = m[f"{n}_next_psnr"] - m[f"{n}_copy_last_psnr"]
+        if self.priors is not None:
+            m.update(validate_priors(dit, self.codec, self.priors, clips, real, pred_f, self.W, self.shift,
+                                     self.seed, n))
         return m
 
     @torch.no_grad()
@@ -350,7 +409,16 @@ class TeacherTask(Task):
                                extra={"sampler_defaults": self.sampler_defaults,
                                       "training": {**training, "codec_id": self.codec_id,
                                                    "clip_frames": self.F, "window": self.W,
-                                                   "classic": self.classic, "init_from": self.init_id}})
+                                                   "classic": self.classic, "init_from": self.init_id,
+                                                   **self._prior_record()}})
+
+    def _prior_record(self) -> dict[str, Any]:
+        """How prior correction trained this checkpoint (nothing when it was off)."""
+        c = self.cfg
+        if self.priors is None:
+            return {}
+        return {"prior_correction": {"prior_frac": c.prior_frac, "depth_probe": c.prior_depth,
+                                     "t_range": [c.prior_t_min, c.prior_t_max], "max_gap": c.prior_max_gap}}
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": to_plain(self.model_cfg), "codec_id": self.codec_id, "clip_frames": self.F,
