@@ -36,9 +36,8 @@ import torch
 from tqdm import tqdm
 
 from world_model.data import ClipBatch, LatentSet, _atomic_npy
-from world_model.view_warp import TURN, TurnPrior, rotate_view
+from world_model.view_warp import TurnPrior
 from world_model.walk_prior import Anchor, Pose, WalkPrior
-from world_model.walk_warp import translate_view
 
 NONE, TURN_KIND, WALK_KIND = 0, 1, 2
 
@@ -103,22 +102,16 @@ def _walk_poses(prior: WalkPrior, anchors: Anchor, controls: np.ndarray, rows: n
 @torch.no_grad()
 def _make_batch(prior: TurnPrior, data: LatentSet, rows: np.ndarray, kinds: np.ndarray,
                 gaps: np.ndarray) -> np.ndarray:
-    """Prior latents (n, C, h, w) float16 of ``rows`` (one kind per call)."""
-    codec, cam = prior.codec, prior.camera
+    """Prior latents (n, C, h, w) float16 of ``rows`` (one kind per call): the samplers' own
+    ``TurnPrior.rotated`` / ``WalkPrior.anchors`` and ``moved``, batched."""
+    codec = prior.codec
     src = torch.from_numpy(data.latents[rows - gaps].astype(np.float32))    # (n, C, h, w) anchors
-    img = codec.decode(src)                                                 # (n, 3, H, W)
     if kinds[0] == TURN_KIND:
-        deg = torch.from_numpy(data.controls[rows, TURN]).to(img.dtype) * cam.turn_deg   # (n,)
-        moved = rotate_view(img, deg, cam.fov_deg)
+        moved = prior.rotated(codec.decode(src), torch.from_numpy(data.controls[rows]))
     else:
         assert isinstance(prior, WalkPrior)
-        from world_model.depth_probe import estimate_column_depth
-        depth = estimate_column_depth(prior.depth_net, img.float()).to(img.dtype)        # (n, W)
-        fwd, right, deg = _walk_poses(prior, Anchor(img, depth), data.controls, rows, gaps)
-        moved, _ = translate_view(img, depth, fwd.to(img.dtype), right.to(img.dtype), cam.fov_deg)
-        turned = deg != 0
-        if bool(turned.any()):                                               # the sampler rotates only then
-            moved[turned] = rotate_view(moved[turned], deg[turned].to(img.dtype), cam.fov_deg)
+        anchors = prior.anchors(src)                                        # (n, 3, H, W), depth (n, W)
+        moved = prior.moved(anchors, *_walk_poses(prior, anchors, data.controls, rows, gaps))
     return codec.encode(moved).to(torch.float16).numpy()
 
 

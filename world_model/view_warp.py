@@ -116,5 +116,9 @@ class TurnPrior:
     @torch.no_grad()
     def __call__(self, z: Tensor, control: Tensor) -> Tensor:
         img = self.codec.decode(z[None])                                       # (1, 3, H, W)
-        deg = (control[TURN:TURN + 1] * self.camera.turn_deg).to(img.dtype)    # (1,)
-        return self.codec.encode(rotate_view(img, deg, self.camera.fov_deg))[0].to(z.dtype)
+        return self.codec.encode(self.rotated(img, control[None]))[0].to(z.dtype)
+
+    def rotated(self, img: Tensor, controls: Tensor) -> Tensor:
+        """Frames img (n, 3, H, W) turned by the turn of controls (n, 4)."""
+        deg = (controls[:, TURN] * self.camera.turn_deg).to(img.dtype)         # (n,)
+        return rotate_view(img, deg, self.camera.fov_deg)

@@ -87,8 +87,13 @@ class WalkPrior(TurnPrior):
 
     @torch.no_grad()
     def anchor(self, z: Tensor) -> Anchor:
-        img = self.codec.decode(z[None])                                    # (1, 3, H, W) in [-1, 1]
-        depth = estimate_column_depth(self.depth_net, img.float()).to(img.dtype)   # (1, W)
+        return self.anchors(z[None])
+
+    @torch.no_grad()
+    def anchors(self, z: Tensor) -> Anchor:
+        """Latents z (n, C, h, w) decoded (n, 3, H, W) in [-1, 1], with their depth (n, W)."""
+        img = self.codec.decode(z)
+        depth = estimate_column_depth(self.depth_net, img.float()).to(img.dtype)
         return Anchor(img, depth)
 
     def clamp(self, anchor: Anchor, pose: Pose) -> Pose:
@@ -104,12 +109,20 @@ class WalkPrior(TurnPrior):
     @torch.no_grad()
     def warp(self, anchor: Anchor, pose: Pose, z_like: Tensor) -> Tensor:
         """The anchor seen from ``pose``: translated, rotated, encoded -> (C, h, w) like z_like."""
-        img, depth = anchor.image, anchor.depth
-        one = torch.ones(1, device=img.device, dtype=img.dtype)
-        moved, _ = translate_view(img, depth, one * pose.forward, one * pose.right, self.camera.fov_deg)
-        if pose.deg != 0.0:
-            moved = rotate_view(moved, one * pose.deg, self.camera.fov_deg)
+        one = torch.ones(1, device=anchor.image.device, dtype=anchor.image.dtype)
+        moved = self.moved(anchor, one * pose.forward, one * pose.right, one * pose.deg)
         return self.codec.encode(moved)[0].to(z_like.dtype)
+
+    @torch.no_grad()
+    def moved(self, anchors: Anchor, forward: Tensor, right: Tensor, deg: Tensor) -> Tensor:
+        """n anchors (images (n, 3, H, W)) seen from poses given as (n,) each: translated in the
+        anchor's heading, then rotated (only those that turned) -> (n, 3, H, W)."""
+        img, fov = anchors.image, self.camera.fov_deg
+        out, _ = translate_view(img, anchors.depth, forward.to(img.dtype), right.to(img.dtype), fov)
+        turned = deg != 0
+        if bool(turned.any()):
+            out[turned] = rotate_view(out[turned], deg[turned].to(img.dtype), fov)
+        return out
 
 
 class HeldWalk:
